@@ -1,0 +1,1 @@
+"""Runwarden: keeps Cloud Run services holding the declared env vars, invokers and settings."""

@@ -1,0 +1,272 @@
+"""The reconcile's vocabulary: what the spec wants, what GCP holds, and what to change.
+
+Frozen dataclasses, no I/O. Everything downstream of the CR body and upstream of the Google
+clients speaks these types, so the planner can be tested without either.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# A managed setting's value in the CRD's own units: ints for counts and seconds, strings for
+# cpu/memory/ingress/serviceAccount and for each label (flattened as "labels.<key>").
+SettingValue = int | str
+
+DEFAULT_ROLE = "roles/run.invoker"
+PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
+
+
+class Mode(enum.StrEnum):
+    ENFORCE = "Enforce"
+    OBSERVE = "Observe"
+
+
+class EnvPolicy(enum.StrEnum):
+    MERGE = "Merge"
+    AUTHORITATIVE = "Authoritative"
+
+
+class InvokerPolicy(enum.StrEnum):
+    ADDITIVE = "Additive"
+    AUTHORITATIVE = "Authoritative"
+
+
+class DeletionPolicy(enum.StrEnum):
+    ABANDON = "Abandon"
+    REVOKE = "Revoke"
+
+
+class Aspect(enum.StrEnum):
+    """The three things an Orchestrator manages; each has its own condition and metric label."""
+
+    ENV = "env"
+    INVOKERS = "invokers"
+    SETTINGS = "settings"
+
+
+@dataclass(frozen=True)
+class ServiceRef:
+    project: str
+    region: str
+    name: str
+
+    @property
+    def resource_name(self) -> str:
+        """The Cloud Run v2 resource name."""
+        return f"projects/{self.project}/locations/{self.region}/services/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.project}/{self.region}/{self.name}"
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    secret: str
+    version: str = "latest"
+
+
+@dataclass(frozen=True)
+class EnvValue:
+    """One variable's value: a literal or a Secret Manager reference (exactly one is set)."""
+
+    value: str | None = None
+    secret: SecretRef | None = None
+
+    @classmethod
+    def literal(cls, value: str) -> EnvValue:
+        return cls(value=value)
+
+    @classmethod
+    def from_secret(cls, secret: str, version: str = "latest") -> EnvValue:
+        return cls(secret=SecretRef(secret, version))
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: Mode = Mode.ENFORCE
+    env: EnvPolicy = EnvPolicy.MERGE
+    invokers: InvokerPolicy = InvokerPolicy.ADDITIVE
+    deletion: DeletionPolicy = DeletionPolicy.ABANDON
+    resync_seconds: float = 60.0
+    allow_public_invokers: bool = False
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What one Orchestrator declares, validated."""
+
+    ref: ServiceRef
+    container: str = ""  # "" = the ingress container, or the only one
+    env: Mapping[str, EnvValue] = field(default_factory=dict)
+    role: str = DEFAULT_ROLE
+    invokers: frozenset[str] = frozenset()
+    settings: Mapping[str, SettingValue] = field(default_factory=dict)
+    policy: Policy = Policy()
+
+
+@dataclass(frozen=True)
+class Managed:
+    """What this Orchestrator owns in GCP (status.managed): the names it may prune or revoke."""
+
+    env: frozenset[str] = frozenset()
+    invokers: frozenset[str] = frozenset()
+
+    def union(self, other: Managed) -> Managed:
+        return Managed(self.env | other.env, self.invokers | other.invokers)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What GCP holds for one service, in the CRD's vocabulary.
+
+    ``service_handle``/``policy_handle`` carry the gateway's raw objects (proto messages) so a
+    write can start from exactly what was read; nothing outside the gateway looks inside them.
+    """
+
+    ref: ServiceRef
+    container: str
+    env: Mapping[str, EnvValue]
+    settings: Mapping[str, SettingValue]
+    bindings: Mapping[str, frozenset[str]]  # role -> members
+    uri: str = ""
+    latest_ready_revision: str = ""
+    generation: int = 0
+    iam_etag: bytes = b""
+    service_handle: object = field(default=None, compare=False, repr=False)
+    policy_handle: object = field(default=None, compare=False, repr=False)
+
+    def members(self, role: str) -> frozenset[str]:
+        return self.bindings.get(role, frozenset())
+
+
+class ChangeKind(enum.StrEnum):
+    MISSING = "missing"  # declared, absent
+    CHANGED = "changed"  # declared, present with another value
+    UNDECLARED = "not declared"  # Authoritative: present, never declared by anyone here
+    PRUNED = "no longer declared"  # owned earlier, dropped from the spec
+
+
+_ASPECT_WORD = {Aspect.ENV: "env", Aspect.INVOKERS: "invoker", Aspect.SETTINGS: "setting"}
+
+
+@dataclass(frozen=True, order=True)
+class Change:
+    """One difference between spec and service. Its text names the field, never a value."""
+
+    aspect: Aspect
+    name: str
+    kind: ChangeKind
+
+    def __str__(self) -> str:
+        return f"{_ASPECT_WORD[self.aspect]} {self.name} {self.kind}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The writes that make one service hold the spec: at most one UpdateService and one
+    SetIamPolicy."""
+
+    env_set: Mapping[str, EnvValue] = field(default_factory=dict)
+    env_remove: frozenset[str] = frozenset()
+    settings_set: Mapping[str, SettingValue] = field(default_factory=dict)
+    role: str = DEFAULT_ROLE
+    invokers_add: frozenset[str] = frozenset()
+    invokers_remove: frozenset[str] = frozenset()
+    changes: tuple[Change, ...] = ()
+    managed: Managed = Managed()  # status.managed once the plan is applied
+
+    @property
+    def touches_service(self) -> bool:
+        return bool(self.env_set or self.env_remove or self.settings_set)
+
+    @property
+    def touches_iam(self) -> bool:
+        return bool(self.invokers_add or self.invokers_remove)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.touches_service or self.touches_iam)
+
+    @property
+    def aspects(self) -> frozenset[Aspect]:
+        return frozenset(c.aspect for c in self.changes)
+
+    def lines(self, aspect: Aspect | None = None) -> list[str]:
+        """Human-readable changes (names only), optionally for one aspect."""
+        return [str(c) for c in self.changes if aspect is None or c.aspect == aspect]
+
+
+class Reason(enum.StrEnum):
+    """Condition reasons (CONTRACT §1)."""
+
+    SYNCED = "Synced"
+    DRIFT_REPAIRED = "DriftRepaired"
+    DRIFT_DETECTED = "DriftDetected"
+    SERVICE_NOT_FOUND = "ServiceNotFound"
+    SERVICE_ACCOUNT_NOT_FOUND = "ServiceAccountNotFound"
+    PERMISSION_DENIED = "PermissionDenied"
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    UNAVAILABLE = "Unavailable"
+    REVISION_FAILED = "RevisionFailed"
+    VERIFICATION_FAILED = "VerificationFailed"
+    INVALID_SPEC = "InvalidSpec"
+    PUBLIC_INVOKER_REFUSED = "PublicInvokerRefused"
+    CONFLICT = "Conflict"
+    PROGRESSING = "Progressing"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition as computed by a reconcile; status.py adds the timestamps."""
+
+    type: str
+    status: bool
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the Orchestrator."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Drift found by one check at an unchanged spec (not a spec change being applied)."""
+
+    detected: tuple[str, ...] = ()
+    repaired: bool = False
+    aspects: frozenset[Aspect] = frozenset()
+
+
+@dataclass(frozen=True)
+class WriteRecord:
+    """What a reconcile wrote to GCP, so later readers (the audit-log listener) can tell their own
+    writes apart: the service generation after UpdateService and the IAM etag after
+    SetIamPolicy."""
+
+    generation: int | None = None
+    iam_etag: bytes | None = None
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """The outcome of one reconcile, ready to be written as status and Events."""
+
+    ready: Condition
+    aspects: Mapping[Aspect, Condition]
+    checked: bool  # the check completed (drift or not): lastSyncTime moves
+    managed: Managed | None = None  # None = leave status.managed as it is
+    uri: str | None = None
+    latest_ready_revision: str | None = None
+    drift: DriftReport = DriftReport()
+    pending: tuple[str, ...] | None = None  # None = leave as is; () = nothing pending
+    events: tuple[Event, ...] = ()
+    retry_after: float | None = None  # seconds; None = the next regular resync
+    wrote: WriteRecord = WriteRecord()
