@@ -1,0 +1,187 @@
+"""The admin API: JSON over HTTP for tests, the demo and the benchmark (CONTRACT §3).
+
+Faults, quota and counters never apply here; this is the back door, not the API under test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import names
+from .control import Controls, Faults, Quota, parse_faults, parse_quota
+from .errors import ApiError, invalid
+from .state import Store
+
+log = logging.getLogger("cloudrun_emulator")
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, sort_keys=True))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": {"code": status, "message": message}}, status=status)
+
+
+async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise invalid("request body is empty; expected a JSON object")
+        return {}
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"malformed JSON body: {exc}") from exc
+    if not isinstance(data, dict):
+        raise invalid(f"body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _error(e.http_status, e.message)
+    except web.HTTPException as e:
+        if e.status == 404:
+            return _error(404, f"no such admin path: {request.method} {request.path}")
+        if e.status == 405:
+            return _error(405, f"method {request.method} not allowed on {request.path}")
+        raise
+    except Exception:
+        log.exception("admin_handler_failed path=%s", request.path)
+        return _error(500, "internal error in the emulator (see its log)")
+
+
+class Admin:
+    def __init__(self, store: Store, controls: Controls) -> None:
+        self.store = store
+        self.controls = controls
+
+    def _key(self, request: web.Request) -> names.ServiceKey:
+        m = request.match_info
+        return names.service_key(m["project"], m["region"], m["name"])
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def put_service(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        body = await _body(request, required=False)
+        created = self.store.admin_put_service(key, body)
+        log.info("admin_put_service name=%s created=%s fields=%s", key.name, created, sorted(body))
+        return _json(self.store.admin_get_service(key), status=201 if created else 200)
+
+    async def get_service(self, request: web.Request) -> web.Response:
+        return _json(self.store.admin_get_service(self._key(request)))
+
+    async def delete_service(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        body = await _body(request, required=False)
+        principal = body.get("principal") or "deployer@example.com"
+        if not isinstance(principal, str):
+            raise invalid("'principal' must be a string")
+        self.store.admin_delete_service(key, principal)
+        return _json({"deleted": key.name})
+
+    async def list_services(self, request: web.Request) -> web.Response:
+        return _json({"services": self.store.admin_list_services()})
+
+    async def put_sa(self, request: web.Request) -> web.Response:
+        sa, created = self.store.put_service_account(request.match_info["email"])
+        return _json({"name": sa.name, "email": sa.email}, status=201 if created else 200)
+
+    async def delete_sa(self, request: web.Request) -> web.Response:
+        email = request.match_info["email"]
+        self.store.delete_service_account(email)
+        return _json({"deleted": email})
+
+    async def list_sa(self, request: web.Request) -> web.Response:
+        return _json(
+            {"serviceAccounts": sorted(sa.email for sa in self.store.service_accounts.values())}
+        )
+
+    async def put_faults(self, request: web.Request) -> web.Response:
+        faults, fail_next = parse_faults(await _body(request))
+        self.controls.faults = faults
+        if fail_next:
+            self.store.fail_next_revision = True
+        log.info("faults_set %s failNextRevision=%s", faults.as_json(), fail_next)
+        return await self.get_faults(request)
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        data = self.controls.faults.as_json()
+        data["failNextRevision"] = self.store.fail_next_revision
+        return _json(data)
+
+    async def delete_faults(self, request: web.Request) -> web.Response:
+        self.controls.faults = Faults()
+        self.store.fail_next_revision = False
+        return await self.get_faults(request)
+
+    async def get_calls(self, request: web.Request) -> web.Response:
+        return _json(dict(self.controls.calls))
+
+    async def delete_calls(self, request: web.Request) -> web.Response:
+        self.controls.calls.clear()
+        return _json({})
+
+    async def put_quota(self, request: web.Request) -> web.Response:
+        self.controls.quota = parse_quota(await _body(request))
+        return _json(self.controls.quota.as_json())
+
+    async def get_quota(self, request: web.Request) -> web.Response:
+        return _json(self.controls.quota.as_json())
+
+    async def delete_quota(self, request: web.Request) -> web.Response:
+        self.controls.quota = Quota()
+        return _json(self.controls.quota.as_json())
+
+
+def make_app(store: Store, controls: Controls) -> web.Application:
+    a = Admin(store, controls)
+    app = web.Application(middlewares=[_errors], client_max_size=8 * 1024 * 1024)
+    svc = "/admin/services/{project}/{region}/{name}"
+    sa = "/admin/serviceaccounts/{email}"
+    app.add_routes(
+        [
+            web.get("/healthz", a.healthz),
+            web.get("/admin/services", a.list_services),
+            web.put(svc, a.put_service),
+            web.get(svc, a.get_service),
+            web.delete(svc, a.delete_service),
+            web.get("/admin/serviceaccounts", a.list_sa),
+            web.put(sa, a.put_sa),
+            web.delete(sa, a.delete_sa),
+            web.get("/admin/faults", a.get_faults),
+            web.put("/admin/faults", a.put_faults),
+            web.delete("/admin/faults", a.delete_faults),
+            web.get("/admin/calls", a.get_calls),
+            web.delete("/admin/calls", a.delete_calls),
+            web.get("/admin/quota", a.get_quota),
+            web.put("/admin/quota", a.put_quota),
+            web.delete("/admin/quota", a.delete_quota),
+        ]
+    )
+    return app
+
+
+async def start_admin(
+    store: Store, controls: Controls, host: str, port: int
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(make_app(store, controls), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=False)
+    await site.start()
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, bound

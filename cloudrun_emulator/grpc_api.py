@@ -1,0 +1,215 @@
+"""The gRPC face: generic method handlers over the run_v2 / google.iam.v1 / longrunning /
+iam.admin.v1 message types, so the unmodified Google client libraries talk to the emulator.
+
+Requests are parsed with the protobuf classes behind the proto-plus types (`Type.pb()`), which is
+what proto-plus `deserialize` does minus the wrapper; responses that are read often (GetService)
+are served from a cached serialization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.cloud import iam_admin_v1, run_v2
+from google.iam.v1 import iam_policy_pb2
+from google.longrunning import operations_pb2
+from google.protobuf import empty_pb2
+
+from .control import Controls
+from .errors import ApiError
+from .state import Store
+
+log = logging.getLogger("cloudrun_emulator")
+
+DEFAULT_PRINCIPAL = "runwarden@example.com"
+PRINCIPAL_HEADER = "x-emulator-principal"
+
+RUN = "google.cloud.run.v2.Services"
+OPS = "google.longrunning.Operations"
+IAM = "google.iam.admin.v1.IAM"
+
+
+def _serialize(message: Any) -> bytes:
+    return message if type(message) is bytes else message.SerializeToString()
+
+
+def _principal(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == PRINCIPAL_HEADER and isinstance(value, str) and value:
+            return value
+    return DEFAULT_PRINCIPAL
+
+
+class Api:
+    """Method implementations; each takes (request, context) and returns a message or bytes."""
+
+    def __init__(self, store: Store, controls: Controls) -> None:
+        self.store = store
+        self.controls = controls
+
+    # google.cloud.run.v2.Services
+    def get_service(self, req: Any, ctx: Any) -> bytes:
+        return self.store.get_service_wire(req.name)
+
+    def list_services(self, req: Any, ctx: Any) -> Any:
+        return self.store.list_services(req.parent, req.page_size, req.page_token)
+
+    def create_service(self, req: Any, ctx: Any) -> Any:
+        return self.store.create_service(
+            req.parent, req.service_id, req.service, req.validate_only, _principal(ctx), req
+        )
+
+    def update_service(self, req: Any, ctx: Any) -> Any:
+        if not req.HasField("service"):
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "The request is missing the required field 'service'.",
+            )
+        return self.store.update_service(
+            req.service, req.allow_missing, req.validate_only, _principal(ctx), req
+        )
+
+    def delete_service(self, req: Any, ctx: Any) -> Any:
+        return self.store.delete_service(
+            req.name, req.etag, req.validate_only, _principal(ctx), req
+        )
+
+    def get_iam_policy(self, req: Any, ctx: Any) -> Any:
+        return self.store.get_policy(req.resource)
+
+    def set_iam_policy(self, req: Any, ctx: Any) -> Any:
+        if not req.HasField("policy"):
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "The request is missing the required field 'policy'.",
+            )
+        return self.store.set_policy(
+            req.resource, req.policy, list(req.update_mask.paths), _principal(ctx), req
+        )
+
+    def test_iam_permissions(self, req: Any, ctx: Any) -> Any:
+        granted = self.store.test_permissions(req.resource, list(req.permissions))
+        return iam_policy_pb2.TestIamPermissionsResponse(permissions=granted)
+
+    # google.longrunning.Operations
+    def get_operation(self, req: Any, ctx: Any) -> Any:
+        return self.store.get_operation(req.name)
+
+    async def wait_operation(self, req: Any, ctx: Any) -> Any:
+        timeout = None
+        if req.HasField("timeout"):
+            timeout = req.timeout.seconds + req.timeout.nanos / 1e9
+        return await self.store.wait_operation(req.name, timeout)
+
+    def delete_operation(self, req: Any, ctx: Any) -> Any:
+        self.store.delete_operation(req.name)
+        return empty_pb2.Empty()
+
+    # google.iam.admin.v1.IAM
+    def get_service_account(self, req: Any, ctx: Any) -> Any:
+        return self.store.get_service_account(req.name)
+
+    def list_service_accounts(self, req: Any, ctx: Any) -> Any:
+        return self.store.list_service_accounts(req.name, req.page_size, req.page_token)
+
+
+def _methods(api: Api) -> dict[str, dict[str, tuple[Callable[..., Any], Any, bool]]]:
+    """service -> method -> (implementation, request class, is_async)."""
+    return {
+        RUN: {
+            "GetService": (api.get_service, run_v2.GetServiceRequest.pb(), False),
+            "ListServices": (api.list_services, run_v2.ListServicesRequest.pb(), False),
+            "CreateService": (api.create_service, run_v2.CreateServiceRequest.pb(), False),
+            "UpdateService": (api.update_service, run_v2.UpdateServiceRequest.pb(), False),
+            "DeleteService": (api.delete_service, run_v2.DeleteServiceRequest.pb(), False),
+            "GetIamPolicy": (api.get_iam_policy, iam_policy_pb2.GetIamPolicyRequest, False),
+            "SetIamPolicy": (api.set_iam_policy, iam_policy_pb2.SetIamPolicyRequest, False),
+            "TestIamPermissions": (
+                api.test_iam_permissions,
+                iam_policy_pb2.TestIamPermissionsRequest,
+                False,
+            ),
+        },
+        OPS: {
+            "GetOperation": (api.get_operation, operations_pb2.GetOperationRequest, False),
+            "WaitOperation": (api.wait_operation, operations_pb2.WaitOperationRequest, True),
+            "DeleteOperation": (api.delete_operation, operations_pb2.DeleteOperationRequest, False),
+        },
+        IAM: {
+            "GetServiceAccount": (
+                api.get_service_account,
+                iam_admin_v1.GetServiceAccountRequest.pb(),
+                False,
+            ),
+            "ListServiceAccounts": (
+                api.list_service_accounts,
+                iam_admin_v1.ListServiceAccountsRequest.pb(),
+                False,
+            ),
+        },
+    }
+
+
+def _wrap(
+    full_name: str, impl: Callable[..., Any], is_async: bool, controls: Controls
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """Count the call, apply faults and quota, translate ApiError into a gRPC status."""
+    calls = controls.calls
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        calls[full_name] = calls.get(full_name, 0) + 1
+        try:
+            if controls.faults.active:
+                delay, error = controls.fault_for(full_name)
+                if delay:
+                    await asyncio.sleep(delay)
+                if error is not None:
+                    raise error
+            if controls.quota.active:
+                controls.quota.check(full_name)
+            if is_async:
+                return await impl(request, context)
+            return impl(request, context)
+        except ApiError as e:
+            await context.abort(e.code, e.message, e.trailing_metadata)
+        except Exception:
+            log.exception("grpc_handler_failed method=%s", full_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "Internal error encountered.")
+
+    return handler
+
+
+def generic_handlers(store: Store, controls: Controls) -> list[grpc.GenericRpcHandler]:
+    api = Api(store, controls)
+    handlers = []
+    for service, methods in _methods(api).items():
+        table = {}
+        for method, (impl, request_cls, is_async) in methods.items():
+            table[method] = grpc.unary_unary_rpc_method_handler(
+                _wrap(f"{service}/{method}", impl, is_async, controls),
+                request_deserializer=request_cls.FromString,
+                response_serializer=_serialize,
+            )
+        handlers.append(grpc.method_handlers_generic_handler(service, table))
+    return handlers
+
+
+async def start_grpc(
+    store: Store, controls: Controls, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+        ]
+    )
+    server.add_generic_rpc_handlers(generic_handlers(store, controls))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {host}:{port}")
+    await server.start()
+    return server, bound
