@@ -255,6 +255,26 @@ class WriteRecord:
     iam_etag: bytes | None = None
 
 
+class Retry(enum.StrEnum):
+    """How soon to check again after a failure."""
+
+    TRANSIENT = "transient"  # outage or conflict: capped exponential backoff, shorter than resync
+    QUOTA = "quota"  # quota exceeded: back off harder
+    RESYNC = "resync"  # needs someone to act (service, SA, permission): the regular resync
+    SLOWLY = "slowly"  # a write keeps failing for good (rollout failed): back off beyond resync
+    SPEC_CHANGE = "spec-change"  # only a new spec can help
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a reconcile did not reach the spec: a condition reason and a message naming
+    fields, never values."""
+
+    reason: str
+    message: str
+    retry: Retry = Retry.TRANSIENT
+
+
 @dataclass(frozen=True)
 class StatusUpdate:
     """The outcome of one reconcile, ready to be written as status and Events."""
@@ -268,5 +288,5 @@ class StatusUpdate:
     drift: DriftReport = DriftReport()
     pending: tuple[str, ...] | None = None  # None = leave as is; () = nothing pending
     events: tuple[Event, ...] = ()
-    retry_after: float | None = None  # seconds; None = the next regular resync
+    failure: Failure | None = None  # what went wrong, for the loop's backoff
     wrote: WriteRecord = WriteRecord()

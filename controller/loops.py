@@ -1,0 +1,193 @@
+"""Per-Orchestrator drift loops: "check when due, or at once when woken".
+
+One ``DriftLoop`` per Orchestrator, in this process's memory. The kopf wiring (handlers.py)
+runs each loop's checks; spec changes wake it; so can anything else that learns a service has
+changed, e.g. a Cloud Audit Log listener::
+
+    from controller import loops
+    loops.wake("my-project", "us-west2", "my-service", reason="audit")
+
+``wake`` must be called from the operator's event loop thread (from another thread use
+``loop.call_soon_threadsafe(loops.wake, ...)``). It never blocks and never fails: an unknown
+service simply wakes nothing (it returns how many loops it woke).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from controller.model import Failure, Retry, ServiceRef, WriteRecord
+
+ObjectKey = tuple[str, str]  # (namespace, name)
+
+# Backoff after failures: (first delay, cap) in seconds.
+TRANSIENT_BACKOFF = (1.0, 60.0)
+QUOTA_BACKOFF = (5.0, 300.0)
+SLOW_CAP = 3600.0
+
+
+@dataclass
+class DriftLoop:
+    """The schedule and wake-up of one Orchestrator's checks."""
+
+    key: ObjectKey
+    ref: ServiceRef | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    due: float = 0.0  # loop.time() of the next regular check; 0 = at once
+    failures: int = 0  # consecutive failed checks, for the backoff
+    last_write: WriteRecord = field(default_factory=WriteRecord)
+    deleted: bool = False
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+    _reasons: list[str] = field(default_factory=list)
+
+    def wake(self, reason: str = "wake") -> None:
+        """Check at once (or as soon as the running check finishes)."""
+        self._reasons.append(reason)
+        self._event.set()
+
+    async def wait(self, stop: Callable[[float], Awaitable[object]]) -> tuple[str, ...]:
+        """Sleep until woken or due; returns why (wake reasons, or ("resync",)).
+
+        ``stop(timeout)`` is awaited alongside (kopf's ``stopped.wait``); when it finishes
+        first, returns an empty tuple and the caller should exit.
+        """
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self.due - loop.time())
+        if not self._event.is_set() and delay > 0:
+            woken = asyncio.ensure_future(self._event.wait())
+            stopping = asyncio.ensure_future(stop(delay if math.isfinite(delay) else 86400.0))
+            try:
+                await asyncio.wait({woken, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (woken, stopping):
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            if not self._event.is_set() and loop.time() < self.due:
+                return ()  # stopped, or a "stop" timeout that fell short: the caller re-checks
+        reasons = tuple(dict.fromkeys(self._reasons)) or ("resync",)
+        self._reasons.clear()
+        self._event.clear()
+        return reasons
+
+    def schedule(
+        self,
+        resync: float,
+        failure: Failure | None,
+        rng: random.Random | None = None,
+    ) -> float:
+        """Set when the next check is due after a check; returns the delay in seconds."""
+        if failure is None:
+            self.failures = 0
+        else:
+            self.failures += 1
+        delay = next_delay(resync, failure, self.failures, rng)
+        self.due = asyncio.get_running_loop().time() + delay
+        return delay
+
+
+def next_delay(
+    resync: float,
+    failure: Failure | None,
+    attempt: int,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds until the next check.
+
+    Healthy: resync, jittered ±10% so loops started together drift apart. Transient failures:
+    capped exponential backoff with jitter, never longer than the resync (the regular check would
+    come then anyway) nor than the cap. Quota: harder backoff, may exceed the resync — extra
+    reads would only burn more quota. A spec that can only be fixed by a new spec: never (the
+    spec change wakes the loop).
+    """
+    uniform = rng.uniform if rng is not None else random.uniform
+    if failure is None or failure.retry is Retry.RESYNC:
+        return resync * uniform(0.9, 1.1)
+    if failure.retry is Retry.SPEC_CHANGE:
+        return math.inf
+    if failure.retry is Retry.QUOTA:
+        first, cap = QUOTA_BACKOFF
+    elif failure.retry is Retry.SLOWLY:
+        first, cap = resync, max(resync, SLOW_CAP)
+    else:
+        first, cap = TRANSIENT_BACKOFF[0], min(resync, TRANSIENT_BACKOFF[1])
+    base = min(cap, first * 2 ** max(0, attempt - 1))
+    return max(0.05, base * uniform(0.5, 1.0))
+
+
+def first_delay(resync: float, rng: random.Random | None = None) -> float:
+    """The first drift check after the initial sync: anywhere in one period, so a restart with
+    many Orchestrators does not check them all at the same moment."""
+    uniform = rng.uniform if rng is not None else random.uniform
+    return resync * uniform(0.5, 1.0)
+
+
+class Registry:
+    """All drift loops of this process, by object and by service."""
+
+    def __init__(self) -> None:
+        self._loops: dict[ObjectKey, DriftLoop] = {}
+
+    def loop(self, namespace: str, name: str) -> DriftLoop:
+        """The loop of one Orchestrator, created on first use."""
+        key = (namespace, name)
+        found = self._loops.get(key)
+        if found is None or found.deleted:
+            found = self._loops[key] = DriftLoop(key)
+        return found
+
+    def get(self, namespace: str, name: str) -> DriftLoop | None:
+        return self._loops.get((namespace, name))
+
+    def forget(self, namespace: str, name: str) -> None:
+        found = self._loops.pop((namespace, name), None)
+        if found is not None:
+            found.deleted = True
+            found.wake("deleted")
+
+    def wake_object(self, namespace: str, name: str, reason: str = "wake") -> bool:
+        found = self._loops.get((namespace, name))
+        if found is None:
+            return False
+        found.wake(reason)
+        return True
+
+    def wake_service(self, ref: ServiceRef, reason: str = "wake") -> int:
+        woken = 0
+        for found in list(self._loops.values()):
+            if found.ref == ref:
+                found.wake(reason)
+                woken += 1
+        return woken
+
+    def last_write(self, ref: ServiceRef) -> WriteRecord | None:
+        """What Runwarden itself last wrote to this service (to recognise its own audit
+        entries)."""
+        for found in self._loops.values():
+            if found.ref == ref:
+                return found.last_write
+        return None
+
+    def __len__(self) -> int:
+        return len(self._loops)
+
+
+REGISTRY = Registry()
+
+
+def wake(project: str, region: str, service: str, *, reason: str = "external") -> int:
+    """Wake the drift loops of every Orchestrator managing this Cloud Run service at once.
+
+    Returns how many were woken (0 if no Orchestrator here manages it).
+    """
+    return REGISTRY.wake_service(ServiceRef(project, region, service), reason)
+
+
+def wake_object(namespace: str, name: str, *, reason: str = "external") -> bool:
+    """Wake one Orchestrator's drift loop by its namespace and name."""
+    return REGISTRY.wake_object(namespace, name, reason)

@@ -1,0 +1,51 @@
+"""The contract's Prometheus metrics (CONTRACT §2), served on --metrics-port."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import start_http_server as _start_http_server
+
+RECONCILES = Counter(
+    "runwarden_reconcile_total",
+    "Reconciles (drift checks included) by result.",
+    ["result"],  # synced | repaired | pending | error
+)
+RECONCILE_SECONDS = Histogram(
+    "runwarden_reconcile_duration_seconds",
+    "Duration of one reconcile: observe, plan, apply and verify.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+DRIFT_REPAIRS = Counter(
+    "runwarden_drift_repairs_total",
+    "Drift repairs by aspect (env, invokers, settings).",
+    ["aspect"],
+)
+GCP_REQUESTS = Counter(
+    "runwarden_gcp_requests_total",
+    "Requests to the Cloud Run and IAM APIs by method and gRPC status code.",
+    ["method", "code"],
+)
+ORCHESTRATORS = Gauge(
+    "runwarden_orchestrators",
+    "Orchestrators handled by this controller, by their Ready condition status.",
+    ["ready"],
+)
+
+_ready_by_object: dict[tuple[str, str], str] = {}
+
+
+def set_ready(namespace: str, name: str, ready: str | None) -> None:
+    """Record one Orchestrator's Ready status ("True"/"False"/"Unknown"; None = forgotten)."""
+    if ready is None:
+        _ready_by_object.pop((namespace, name), None)
+    else:
+        _ready_by_object[(namespace, name)] = ready
+    for state in ("True", "False", "Unknown"):
+        ORCHESTRATORS.labels(ready=state).set(
+            sum(1 for v in _ready_by_object.values() if v == state)
+        )
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """Expose /metrics on ``port`` (all interfaces) from a background thread."""
+    _start_http_server(port, registry=registry)

@@ -1,0 +1,347 @@
+"""The one use-case: observe -> plan -> apply -> verify -> StatusUpdate.
+
+Level-based and idempotent: it looks at the service as it is now, and at most one UpdateService
+and one SetIamPolicy later the service holds the spec (or a condition says why not). A check that
+finds nothing to do costs one GetService and one GetIamPolicy, and writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from controller.gateway import Gateway, GatewayError, ServiceAccountMissing
+from controller.model import (
+    Aspect,
+    Change,
+    Condition,
+    Desired,
+    DriftReport,
+    Event,
+    Failure,
+    Managed,
+    Mode,
+    Observed,
+    Plan,
+    Reason,
+    Retry,
+    StatusUpdate,
+    WriteRecord,
+)
+from controller.plan import managed_after, plan, restrict, revoke_plan
+
+CONDITION_TYPES = {
+    Aspect.ENV: "EnvSynced",
+    Aspect.INVOKERS: "InvokersSynced",
+    Aspect.SETTINGS: "SettingsSynced",
+}
+_SA_PREFIX = "serviceAccount:"
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What earlier checks left in status, as far as this reconcile cares."""
+
+    # Aspects whose condition was True at the current generation: a change needed there now is
+    # drift (someone else changed the service), not the spec being applied.
+    synced: frozenset[Aspect] = frozenset()
+    ready: bool = False  # Ready is True already: success needs no Synced Event
+    pending: tuple[str, ...] = ()  # status.drift.pending
+
+
+async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prior) -> StatusUpdate:
+    """Make the service hold ``desired`` (or, in Observe mode, only report what it would do)."""
+    try:
+        observed = await gw.observe(desired.ref, desired.container)
+    except GatewayError as exc:
+        return failed(exc.failure(), events=())
+    p = plan(desired, observed, managed)
+    if desired.policy.mode is Mode.OBSERVE:
+        return _report_only(p, observed, prior)
+    if p.empty:
+        return _in_sync(p, observed, prior)
+    return await _enforce(gw, desired, observed, p, managed, prior)
+
+
+async def revoke(gw: Gateway, target: Desired, managed: Managed) -> tuple[str, ...]:
+    """Deletion policy Revoke: remove the owned env vars and members, verified.
+
+    Returns what was removed (names). Raises GatewayError when it cannot finish, so that the
+    finalizer stays and the deletion is retried. A service that is gone has nothing to revoke.
+    """
+    try:
+        observed = await gw.observe(target.ref, target.container)
+    except GatewayError as exc:
+        if exc.reason == Reason.SERVICE_NOT_FOUND:
+            return ()
+        raise
+    p = revoke_plan(observed, target.role, managed)
+    if p.touches_service:
+        observed = await gw.update_service(observed, p)
+    if p.touches_iam:
+        await gw.set_invokers(observed, p.role, p.invokers_add, p.invokers_remove)
+    if not p.empty:
+        after = await gw.observe(target.ref, target.container)
+        left = revoke_plan(after, target.role, managed)
+        if not left.empty:
+            raise GatewayError(f"revocation not verified: {', '.join(left.lines())} still present")
+    return tuple(p.lines())
+
+
+def failed(failure: Failure, events: tuple[Event, ...]) -> StatusUpdate:
+    """Nothing could be checked (the service could not be read, or the spec is invalid)."""
+    return StatusUpdate(
+        ready=Condition("Ready", False, failure.reason, failure.message),
+        aspects={
+            a: Condition(CONDITION_TYPES[a], False, failure.reason, failure.message) for a in Aspect
+        },
+        checked=False,
+        events=events,
+        failure=failure,
+    )
+
+
+def _in_sync(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
+    events: tuple[Event, ...] = ()
+    if not prior.ready:
+        events = (Event("Normal", Reason.SYNCED, f"service {observed.ref} holds the spec"),)
+    return StatusUpdate(
+        ready=Condition("Ready", True, Reason.SYNCED, "the service holds the spec"),
+        aspects={a: Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync") for a in Aspect},
+        checked=True,
+        managed=p.managed,
+        uri=observed.uri,
+        latest_ready_revision=observed.latest_ready_revision,
+        pending=(),
+        events=events,
+    )
+
+
+def _report_only(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
+    """Observe mode: the same plan, reported, never applied."""
+    pending = tuple(p.lines())
+    if not pending:
+        update = _in_sync(p, observed, prior)
+        return replace(update, managed=None)
+    events: tuple[Event, ...] = ()
+    if pending != prior.pending:
+        events = (
+            Event(
+                "Warning",
+                Reason.DRIFT_DETECTED,
+                f"Observe mode, not repairing: {_summary(pending)}",
+            ),
+        )
+    aspects = {
+        a: (
+            Condition(CONDITION_TYPES[a], False, Reason.DRIFT_DETECTED, _summary(p.lines(a)))
+            if a in p.aspects
+            else Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync")
+        )
+        for a in Aspect
+    }
+    return StatusUpdate(
+        ready=Condition(
+            "Ready",
+            False,
+            Reason.DRIFT_DETECTED,
+            f"{len(pending)} change(s) pending, not applied in Observe mode",
+        ),
+        aspects=aspects,
+        checked=True,
+        uri=observed.uri,
+        latest_ready_revision=observed.latest_ready_revision,
+        pending=pending,
+        drift=DriftReport(detected=pending if pending != prior.pending else ()),
+        events=events,
+    )
+
+
+async def _enforce(
+    gw: Gateway, desired: Desired, observed: Observed, p: Plan, managed: Managed, prior: Prior
+) -> StatusUpdate:
+    drift = p.aspects & prior.synced
+    drift_lines = tuple(line for a in sorted(drift) for line in p.lines(a))
+    events: list[Event] = []
+    if drift:
+        events.append(Event("Warning", Reason.DRIFT_DETECTED, f"drift: {_summary(drift_lines)}"))
+
+    failures: dict[Aspect, Failure] = {}
+    try:
+        p, dropped = await _drop_missing_service_accounts(gw, p, failures)
+    except GatewayError as exc:
+        return failed(exc.failure(), events=tuple(events))
+
+    wrote = WriteRecord()
+    written: set[Aspect] = set()
+    after = observed
+    if p.touches_service:
+        service_aspects = p.aspects & {Aspect.ENV, Aspect.SETTINGS}
+        try:
+            after = await gw.update_service(observed, p)
+            written |= service_aspects
+            wrote = replace(wrote, generation=after.generation)
+        except GatewayError as exc:
+            for a in service_aspects:
+                failures.setdefault(a, exc.failure())
+            events.append(Event("Warning", "UpdateFailed", f"UpdateService: {exc.message}"))
+    if p.touches_iam:
+        try:
+            etag = await gw.set_invokers(after, p.role, p.invokers_add, p.invokers_remove)
+            written.add(Aspect.INVOKERS)
+            wrote = replace(wrote, iam_etag=etag)
+        except GatewayError as exc:
+            failures.setdefault(Aspect.INVOKERS, exc.failure())
+            events.append(Event("Warning", "UpdateFailed", f"SetIamPolicy: {exc.message}"))
+
+    if written:
+        after = await _verify(gw, desired, after, p, frozenset(written), dropped, failures, events)
+
+    return _outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+
+
+async def _drop_missing_service_accounts(
+    gw: Gateway, p: Plan, failures: dict[Aspect, Failure]
+) -> tuple[Plan, frozenset[Change]]:
+    """Check (cached) that service accounts exist before binding or running as them.
+
+    Only members about to be added are checked, so a check without drift makes no IAM call.
+    What is missing is left out of the writes (and returned); everything else is still applied.
+    """
+    missing = [
+        m
+        for m in sorted(p.invokers_add)
+        if m.startswith(_SA_PREFIX) and not await gw.service_account_exists(m[len(_SA_PREFIX) :])
+    ]
+    if missing:
+        failures[Aspect.INVOKERS] = ServiceAccountMissing(
+            f"service account(s) not found: {', '.join(missing)}"
+        ).failure()
+    runtime_sa = p.settings_set.get("serviceAccount")
+    if runtime_sa is not None and not await gw.service_account_exists(str(runtime_sa)):
+        failures[Aspect.SETTINGS] = ServiceAccountMissing(
+            f"settings.serviceAccount: service account not found: {runtime_sa}"
+        ).failure()
+        runtime_sa = None
+    dropped = frozenset(c for c in p.changes if c.aspect is Aspect.INVOKERS and c.name in missing)
+    if runtime_sa is None and "serviceAccount" in p.settings_set:
+        dropped |= {
+            c for c in p.changes if (c.aspect, c.name) == (Aspect.SETTINGS, "serviceAccount")
+        }
+    if not dropped:
+        return p, dropped
+    return (
+        replace(
+            p,
+            invokers_add=p.invokers_add - frozenset(missing),
+            settings_set={
+                k: v for k, v in p.settings_set.items() if k != "serviceAccount" or runtime_sa
+            },
+            changes=tuple(c for c in p.changes if c not in dropped),
+        ),
+        dropped,
+    )
+
+
+async def _verify(
+    gw: Gateway,
+    desired: Desired,
+    after: Observed,
+    p: Plan,
+    written: frozenset[Aspect],
+    dropped: frozenset[Change],
+    failures: dict[Aspect, Failure],
+    events: list[Event],
+) -> Observed:
+    """Read back what was written and check the spec holds there (CONTRACT: P1a)."""
+    try:
+        if written & {Aspect.ENV, Aspect.SETTINGS}:
+            after = await gw.refresh_service(after, desired.container)
+        if Aspect.INVOKERS in written:
+            after = await gw.refresh_iam(after)
+    except GatewayError as exc:
+        for a in written:
+            failures.setdefault(a, exc.failure())
+        return after
+    left = restrict(plan(desired, after, p.managed), written)
+    unverified = [c for c in left.changes if c not in dropped]
+    if unverified:
+        message = (
+            "read-back after the write does not hold the spec: "
+            f"{_summary([str(c) for c in unverified])}"
+        )
+        for c in unverified:
+            failures[c.aspect] = Failure(Reason.VERIFICATION_FAILED, message, Retry.TRANSIENT)
+        events.append(Event("Warning", Reason.VERIFICATION_FAILED, message))
+    return after
+
+
+def _outcome(
+    p: Plan,
+    after: Observed,
+    managed: Managed,
+    prior: Prior,
+    drift: frozenset[Aspect],
+    drift_lines: tuple[str, ...],
+    failures: dict[Aspect, Failure],
+    events: list[Event],
+    wrote: WriteRecord,
+) -> StatusUpdate:
+    aspects: dict[Aspect, Condition] = {}
+    for a in Aspect:
+        kind = CONDITION_TYPES[a]
+        if a in failures:
+            aspects[a] = Condition(kind, False, failures[a].reason, failures[a].message)
+        elif a in drift:
+            aspects[a] = Condition(
+                kind, True, Reason.DRIFT_REPAIRED, f"repaired: {_summary(p.lines(a))}"
+            )
+        else:
+            aspects[a] = Condition(kind, True, Reason.SYNCED, "in sync")
+
+    repaired = frozenset(a for a in drift if a not in failures)
+    if failures:
+        first = next(failures[a] for a in Aspect if a in failures)
+        message = "; ".join(dict.fromkeys(f.message for f in failures.values()))
+        ready = Condition("Ready", False, first.reason, message)
+    elif drift:
+        ready = Condition(
+            "Ready", True, Reason.DRIFT_REPAIRED, f"repaired drift: {_summary(drift_lines)}"
+        )
+    else:
+        ready = Condition("Ready", True, Reason.SYNCED, "the service holds the spec")
+
+    if repaired:
+        repaired_lines = tuple(line for a in sorted(repaired) for line in p.lines(a))
+        events.append(
+            Event("Normal", Reason.DRIFT_REPAIRED, f"repaired: {_summary(repaired_lines)}")
+        )
+    applied = p.aspects - drift - failures.keys()
+    if applied and not failures:
+        events.append(Event("Normal", Reason.SYNCED, f"applied the spec: {_summary(p.lines())}"))
+    elif not failures and not prior.ready and not applied and not repaired:
+        events.append(Event("Normal", Reason.SYNCED, "the service holds the spec"))
+
+    failure = None
+    if failures:
+        failure = min(failures.values(), key=lambda f: list(Retry).index(f.retry))
+    return StatusUpdate(
+        ready=ready,
+        aspects=aspects,
+        checked=True,
+        managed=managed_after(managed, p, frozenset(Aspect) - failures.keys()),
+        uri=after.uri,
+        latest_ready_revision=after.latest_ready_revision,
+        drift=DriftReport(detected=drift_lines, repaired=bool(repaired), aspects=repaired),
+        pending=(),
+        events=tuple(events),
+        failure=failure,
+        wrote=wrote,
+    )
+
+
+def _summary(lines: list[str] | tuple[str, ...], limit: int = 10) -> str:
+    lines = list(lines)
+    text = ", ".join(lines[:limit])
+    if len(lines) > limit:
+        text += f" and {len(lines) - limit} more"
+    return text

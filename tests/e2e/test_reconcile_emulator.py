@@ -1,0 +1,253 @@
+"""The reconcile use-case against the Cloud Run + IAM emulator, without Kubernetes.
+
+Fast and precise: these count the emulator's calls and look at what the service holds after
+each reconcile. The full path through kopf and the apiserver is in test_controller.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from cloudrun_emulator.testing import EmulatorProcess
+from controller.clients import make_clients
+from controller.gateway import Gateway
+from controller.model import Aspect, Desired, Managed, StatusUpdate
+from controller.reconcile import Prior, reconcile, revoke
+from controller.spec import parse
+
+PROJECT = "runwarden-test"
+REGION = "us-west2"
+SA = "pusher@runwarden-test.iam.gserviceaccount.com"
+MEMBER = f"serviceAccount:{SA}"
+FOREIGN = "user:someone@example.com"
+OTHER_ROLE = "roles/run.developer"
+RUN = "google.cloud.run.v2.Services/"
+WRITES = (f"{RUN}UpdateService", f"{RUN}SetIamPolicy", f"{RUN}CreateService")
+
+
+@pytest.fixture
+async def gateway(emulator: EmulatorProcess) -> AsyncIterator[Gateway]:
+    clients = make_clients(emulator.grpc_endpoint)
+    try:
+        yield Gateway(clients, rollout_timeout=30)
+    finally:
+        await clients.close()
+
+
+def spec(name: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "service": {"project": PROJECT, "region": REGION, "name": name},
+        "env": [{"name": "GCP_PROJECT_ID", "value": PROJECT}, {"name": "MODE", "value": "prod"}],
+        "invokers": {"members": [MEMBER]},
+        "settings": {"maxInstances": 7, "labels": {"team": "data"}},
+    }
+    body.update(extra)
+    return body
+
+
+def prior_after(update: StatusUpdate) -> Prior:
+    """The Prior the next reconcile sees once ``update`` is in status (same generation)."""
+    return Prior(
+        synced=frozenset(a for a, c in update.aspects.items() if c.status),
+        ready=update.ready.status,
+        pending=update.pending or (),
+    )
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {
+        k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)
+    }
+
+
+async def converge(gw: Gateway, desired: Desired) -> tuple[StatusUpdate, Managed]:
+    update = await reconcile(gw, desired, Managed(), Prior())
+    assert update.ready.status, update.ready
+    assert update.managed is not None
+    return update, update.managed
+
+
+@pytest.fixture
+def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
+    name = unique_name("rec")
+    emulator.admin.put_service_account(SA)
+    emulator.admin.put_service(
+        PROJECT,
+        REGION,
+        name,
+        env={"FOREIGN": "x"},
+        invokers={"roles/run.invoker": [FOREIGN], OTHER_ROLE: [FOREIGN]},
+    )
+    return name
+
+
+async def test_first_sync_then_no_drift_costs_one_get_each(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    desired = parse(spec(service))
+    update, managed = await converge(gateway, desired)
+    assert update.ready.reason == "Synced"
+    assert [e.reason for e in update.events] == ["Synced"]
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert got["env"] == {"FOREIGN": "x", "GCP_PROJECT_ID": PROJECT, "MODE": "prod"}
+    assert sorted(got["iam"]["roles/run.invoker"]) == sorted([FOREIGN, MEMBER])
+    assert got["iam"][OTHER_ROLE] == [FOREIGN]
+    assert got["settings"]["maxInstances"] == 7
+    assert managed == Managed(
+        env=frozenset({"GCP_PROJECT_ID", "MODE"}), invokers=frozenset({MEMBER})
+    )
+
+    before = emulator.admin.calls()
+    again = await reconcile(gateway, desired, managed, prior_after(update))
+    assert again.ready.status and again.ready.reason == "Synced" and again.events == ()
+    assert delta(before, emulator.admin.calls()) == {
+        f"{RUN}GetService": 1,
+        f"{RUN}GetIamPolicy": 1,
+    }
+
+
+async def test_drift_repaired_in_one_update_and_one_set_iam(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    desired = parse(spec(service))
+    update, managed = await converge(gateway, desired)
+    # Someone redeploys with --set-env-vars (full template) and drops our member.
+    emulator.admin.put_service(
+        PROJECT,
+        REGION,
+        service,
+        env={"OTHER": "y"},
+        settings={"maxInstances": 3},
+        invokers={"roles/run.invoker": [FOREIGN]},
+    )
+    before = emulator.admin.calls()
+    repaired = await reconcile(gateway, desired, managed, prior_after(update))
+    calls = delta(before, emulator.admin.calls())
+    assert calls.get(f"{RUN}UpdateService") == 1
+    assert calls.get(f"{RUN}SetIamPolicy") == 1
+    assert repaired.ready.status and repaired.ready.reason == "DriftRepaired"
+    assert repaired.drift.repaired
+    assert set(repaired.drift.detected) == {
+        "env GCP_PROJECT_ID missing",
+        "env MODE missing",
+        f"invoker {MEMBER} missing",
+        "setting maxInstances changed",
+    }
+    assert [e.reason for e in repaired.events] == ["DriftDetected", "DriftRepaired"]
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert got["env"] == {"OTHER": "y", "GCP_PROJECT_ID": PROJECT, "MODE": "prod"}
+    assert sorted(got["iam"]["roles/run.invoker"]) == sorted([FOREIGN, MEMBER])
+    assert got["iam"][OTHER_ROLE] == [FOREIGN]
+    assert repaired.wrote.generation == got["generation"]
+
+
+async def test_removed_from_spec_is_pruned_foreign_stays(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    _, managed = await converge(gateway, parse(spec(service)))
+    smaller = parse(
+        spec(service, env=[{"name": "GCP_PROJECT_ID", "value": PROJECT}], invokers={"members": []})
+    )
+    update = await reconcile(gateway, smaller, managed, Prior(ready=True))
+    assert update.ready.status, update.ready
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert got["env"] == {"FOREIGN": "x", "GCP_PROJECT_ID": PROJECT}
+    assert got["iam"]["roles/run.invoker"] == [FOREIGN]
+    assert update.managed == Managed(env=frozenset({"GCP_PROJECT_ID"}))
+
+
+async def test_observe_mode_writes_nothing(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    desired = parse(spec(service, policy={"mode": "Observe"}))
+    before = emulator.admin.calls()
+    update = await reconcile(gateway, desired, Managed(), Prior())
+    assert not any(delta(before, emulator.admin.calls()).get(w) for w in WRITES)
+    assert update.ready.reason == "DriftDetected" and not update.ready.status
+    assert update.pending and "env MODE missing" in update.pending
+    assert update.managed is None
+    assert [e.reason for e in update.events] == ["DriftDetected"]
+    # Same drift again: no new Event.
+    again = await reconcile(gateway, desired, Managed(), prior_after(update))
+    assert again.events == ()
+
+
+async def test_authoritative_removes_foreign_but_not_other_roles(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    desired = parse(spec(service, policy={"env": "Authoritative", "invokers": "Authoritative"}))
+    await converge(gateway, desired)
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert got["env"] == {"GCP_PROJECT_ID": PROJECT, "MODE": "prod"}
+    assert got["iam"]["roles/run.invoker"] == [MEMBER]
+    assert got["iam"][OTHER_ROLE] == [FOREIGN]
+
+
+async def test_missing_service_account_named_rest_applied(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    ghost = "serviceAccount:ghost@runwarden-test.iam.gserviceaccount.com"
+    desired = parse(spec(service, invokers={"members": [MEMBER, ghost]}))
+    update = await reconcile(gateway, desired, Managed(), Prior())
+    assert update.ready.reason == "ServiceAccountNotFound"
+    assert ghost in update.aspects[Aspect.INVOKERS].message
+    assert update.aspects[Aspect.ENV].status
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert MEMBER in got["iam"]["roles/run.invoker"]
+    assert ghost not in got["iam"]["roles/run.invoker"]
+
+
+async def test_service_not_found(gateway: Gateway, unique_name: Callable[[str], str]) -> None:
+    update = await reconcile(gateway, parse(spec(unique_name("nope"))), Managed(), Prior())
+    assert not update.ready.status and update.ready.reason == "ServiceNotFound"
+    assert not update.checked
+
+
+async def test_iam_conflict_rereads_and_keeps_the_concurrent_change(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    desired = parse(spec(service))
+    observed = await gateway.observe(desired.ref, "")
+    late = "user:late@example.com"
+    emulator.admin.put_service(
+        PROJECT, REGION, service, invokers={"roles/run.invoker": [FOREIGN, late]}
+    )
+    await gateway.set_invokers(observed, "roles/run.invoker", frozenset({MEMBER}), frozenset())
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert sorted(got["iam"]["roles/run.invoker"]) == sorted([FOREIGN, late, MEMBER])
+
+
+async def test_revoke_removes_owned_only(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    desired = parse(spec(service))
+    _, managed = await converge(gateway, desired)
+    removed = await revoke(gateway, desired, managed)
+    assert set(removed) == {
+        "env GCP_PROJECT_ID no longer declared",
+        "env MODE no longer declared",
+        f"invoker {MEMBER} no longer declared",
+    }
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert got["env"] == {"FOREIGN": "x"}
+    assert got["iam"]["roles/run.invoker"] == [FOREIGN]
+    assert got["iam"][OTHER_ROLE] == [FOREIGN]
+
+
+@pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 100}], indirect=True)
+async def test_failed_rollout_is_revision_failed(fresh_emulator: EmulatorProcess) -> None:
+    fresh_emulator.admin.put_service(PROJECT, REGION, "rollout", env={})
+    fresh_emulator.admin.set_faults(fail_next_revision=True)
+    clients = make_clients(fresh_emulator.grpc_endpoint)
+    try:
+        update = await reconcile(
+            Gateway(clients, rollout_timeout=30), parse(spec("rollout")), Managed(), Prior()
+        )
+    finally:
+        await clients.close()
+    assert update.aspects[Aspect.ENV].reason == "RevisionFailed", update.aspects
+    assert not update.ready.status
+    assert "UpdateFailed" in [e.reason for e in update.events]
