@@ -18,6 +18,7 @@ from google.cloud import iam_admin_v1, run_v2
 from google.iam.v1 import iam_policy_pb2
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
 
 from .control import Controls
 from .errors import ApiError
@@ -31,6 +32,25 @@ PRINCIPAL_HEADER = "x-emulator-principal"
 RUN = "google.cloud.run.v2.Services"
 OPS = "google.longrunning.Operations"
 IAM = "google.iam.admin.v1.IAM"
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it."""
+
+
+MALFORMED = _Malformed()
+
+
+def _deserializer(request_cls: Any) -> Callable[[bytes], Any]:
+    parse = request_cls.FromString
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return MALFORMED
+
+    return deserialize
 
 
 def _serialize(message: Any) -> bytes:
@@ -163,6 +183,10 @@ def _wrap(
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         calls[full_name] = calls.get(full_name, 0) + 1
         try:
+            if request is MALFORMED:
+                raise ApiError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "Invalid request: the message did not parse."
+                )
             if controls.faults.active:
                 delay, error = controls.fault_for(full_name)
                 if delay:
@@ -191,7 +215,7 @@ def generic_handlers(store: Store, controls: Controls) -> list[grpc.GenericRpcHa
         for method, (impl, request_cls, is_async) in methods.items():
             table[method] = grpc.unary_unary_rpc_method_handler(
                 _wrap(f"{service}/{method}", impl, is_async, controls),
-                request_deserializer=request_cls.FromString,
+                request_deserializer=_deserializer(request_cls),
                 response_serializer=_serialize,
             )
         handlers.append(grpc.method_handlers_generic_handler(service, table))
