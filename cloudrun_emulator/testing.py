@@ -67,6 +67,8 @@ class EmulatorProcess:
         random_seed: int | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         extra_args: list[str] | None = None,
+        port: int = 0,
+        admin_port: int = 0,
     ) -> None:
         self.seed = seed
         self.rollout_ms = rollout_ms
@@ -81,6 +83,7 @@ class EmulatorProcess:
         self._ready_file = self.dir / "ready.json"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self.requested_ports = (port, admin_port)  # 0 = any free port
         self.grpc_port = 0
         self.admin_port = 0
 
@@ -109,9 +112,9 @@ class EmulatorProcess:
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            str(self.requested_ports[0]),
             "--admin-port",
-            "0",
+            str(self.requested_ports[1]),
             "--ready-file",
             str(self._ready_file),
             "--rollout-ms",
@@ -171,6 +174,15 @@ class EmulatorProcess:
             self._log.close()
             self._log = None
         return code
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait for the process to exit by itself; its exit code, or None if still running."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)

@@ -17,14 +17,21 @@ CONCURRENT = (
 
 
 def members(policy: policy_pb2.Policy, role: str) -> list[str]:
-    return sorted(m for b in policy.bindings if b.role == role and not b.condition.expression
-                  for m in b.members)
+    return sorted(
+        m
+        for b in policy.bindings
+        if b.role == role and not b.condition.expression
+        for m in b.members
+    )
 
 
 async def test_get_policy_shows_admin_invokers(clients, deploy):
     svc = deploy(invokers={INVOKER: ["serviceAccount:a@p.iam.gserviceaccount.com", "user:b@x.com"]})
     policy = await clients.run.get_iam_policy(request={"resource": svc.name})
-    assert members(policy, INVOKER) == ["serviceAccount:a@p.iam.gserviceaccount.com", "user:b@x.com"]
+    assert members(policy, INVOKER) == [
+        "serviceAccount:a@p.iam.gserviceaccount.com",
+        "user:b@x.com",
+    ]
     assert policy.etag
     assert policy.version == 1
 
@@ -46,8 +53,12 @@ async def test_read_modify_write_changes_the_etag_every_time(clients, deploy):
 async def test_stale_policy_etag_is_aborted_with_googles_text(clients, deploy):
     svc = deploy(invokers={INVOKER: ["user:a@x.com"]})
     mine = await clients.run.get_iam_policy(request={"resource": svc.name})
-    svc.admin.put_service(svc.project, svc.region, svc.service,
-                          invokers={INVOKER: ["user:a@x.com", "user:someone-else@x.com"]})
+    svc.admin.put_service(
+        svc.project,
+        svc.region,
+        svc.service,
+        invokers={INVOKER: ["user:a@x.com", "user:someone-else@x.com"]},
+    )
     mine.bindings[0].members.append("user:mine@x.com")
     with pytest.raises(gexc.Aborted) as info:
         await clients.run.set_iam_policy(request={"resource": svc.name, "policy": mine})
@@ -74,7 +85,9 @@ async def test_other_roles_and_conditions_survive_a_careful_write(clients, deplo
         policy_pb2.Binding(
             role="roles/run.viewer",
             members=["group:ops@x.com"],
-            condition=expr_pb2.Expr(title="until-2030", expression="request.time < timestamp('2030-01-01T00:00:00Z')"),
+            condition=expr_pb2.Expr(
+                title="until-2030", expression="request.time < timestamp('2030-01-01T00:00:00Z')"
+            ),
         )
     )
     written = await clients.run.set_iam_policy(request={"resource": svc.name, "policy": policy})
@@ -99,8 +112,13 @@ async def test_conditions_need_policy_version_3(clients, deploy):
     svc = deploy()
     policy = policy_pb2.Policy(
         version=1,
-        bindings=[policy_pb2.Binding(role=INVOKER, members=["user:a@x.com"],
-                                     condition=expr_pb2.Expr(title="t", expression="true"))],
+        bindings=[
+            policy_pb2.Binding(
+                role=INVOKER,
+                members=["user:a@x.com"],
+                condition=expr_pb2.Expr(title="t", expression="true"),
+            )
+        ],
     )
     with pytest.raises(gexc.InvalidArgument, match="version 3"):
         await clients.run.set_iam_policy(request={"resource": svc.name, "policy": policy})
@@ -136,14 +154,19 @@ async def test_get_service_account_by_both_name_forms(clients, emulator, unique_
     with pytest.raises(gexc.NotFound):
         await clients.iam.get_service_account(name=f"projects/-/serviceAccounts/{email}")
     emulator.admin.put_service_account(email)
-    for name in (f"projects/-/serviceAccounts/{email}", f"projects/{PROJECT}/serviceAccounts/{email}"):
+    for name in (
+        f"projects/-/serviceAccounts/{email}",
+        f"projects/{PROJECT}/serviceAccounts/{email}",
+    ):
         sa = await clients.iam.get_service_account(name=name)
         assert sa.email == email
         assert sa.name == f"projects/{PROJECT}/serviceAccounts/{email}"
         assert sa.project_id == PROJECT
         assert sa.unique_id.isdigit()
     with pytest.raises(gexc.NotFound):
-        await clients.iam.get_service_account(name=f"projects/other-project/serviceAccounts/{email}")
+        await clients.iam.get_service_account(
+            name=f"projects/other-project/serviceAccounts/{email}"
+        )
     listed = await clients.iam.list_service_accounts(name=f"projects/{PROJECT}")
     assert email in [a.email async for a in listed]
 

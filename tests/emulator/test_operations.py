@@ -66,8 +66,11 @@ async def test_admin_view_moves_when_the_rollout_completes(fresh_emulator, fresh
     op = await fresh_clients.run.update_service(service=current)
     created = op.metadata.latest_created_revision
     assert svc.get()["reconciling"] is True
-    wait_for(lambda: svc.get()["latestReadyRevision"] == created, timeout=15,
-             message="latestReadyRevision never moved to the new revision")
+    wait_for(
+        lambda: svc.get()["latestReadyRevision"] == created,
+        timeout=15,
+        message="latestReadyRevision never moved to the new revision",
+    )
     assert svc.get()["reconciling"] is False
 
 
@@ -102,7 +105,9 @@ async def test_newer_update_supersedes_a_pending_rollout(fresh_emulator, fresh_c
     assert final.latest_ready_revision == second.metadata.latest_created_revision
 
 
-async def test_fail_next_revision_fails_the_operation_and_keeps_serving(fresh_emulator, fresh_clients):
+async def test_fail_next_revision_fails_the_operation_and_keeps_serving(
+    fresh_emulator, fresh_clients
+):
     svc = fresh_deploy(fresh_emulator, "failing", env={"A": "1"})
     serving = svc.get()["latestReadyRevision"]
     fresh_emulator.admin.set_faults(fail_next_revision=True)

@@ -1,4 +1,4 @@
-"""google.cloud.run.v2.Services through the real async client: reads, writes, Cloud Run semantics."""
+"""google.cloud.run.v2.Services through the real async client: reads, writes, Cloud Run rules."""
 
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ async def test_get_service_shows_what_the_admin_api_deployed(clients, deploy):
     plain = {e.name: e.value for e in c.env if not e.value_source.secret_key_ref.secret}
     assert plain == {"A": "1", "B": "2"}
     secret = [e for e in c.env if e.value_source.secret_key_ref.secret]
-    assert [(e.name, e.value_source.secret_key_ref.secret, e.value_source.secret_key_ref.version)
-            for e in secret] == [("HOOK", "slack-webhook", "3")]
+    assert [
+        (e.name, e.value_source.secret_key_ref.secret, e.value_source.secret_key_ref.version)
+        for e in secret
+    ] == [("HOOK", "slack-webhook", "3")]
     t = got.template
     assert t.timeout.total_seconds() == 540
     assert (t.scaling.min_instance_count, t.scaling.max_instance_count) == (1, 10)
@@ -86,7 +88,9 @@ async def test_create_service_then_already_exists(clients, unique_name):
     sid = unique_name("created")
     service = run_v2.Service(
         template=run_v2.RevisionTemplate(
-            containers=[run_v2.Container(image="gcr.io/x/y", env=[run_v2.EnvVar(name="K", value="v")])]
+            containers=[
+                run_v2.Container(image="gcr.io/x/y", env=[run_v2.EnvVar(name="K", value="v")])
+            ]
         )
     )
     op = await clients.run.create_service(
@@ -215,7 +219,7 @@ async def test_unknown_service_account_is_refused_like_act_as(clients, deploy, e
     current = await clients.run.get_service(name=svc.name)
     sa = f"ghost-{svc.service[-8:]}@{PROJECT}.iam.gserviceaccount.com"
     current.template.service_account = sa
-    with pytest.raises(gexc.PermissionDenied, match="iam.serviceaccounts.actAs"):
+    with pytest.raises(gexc.PermissionDenied, match=r"iam\.serviceaccounts\.actAs"):
         await clients.run.update_service(service=current)
 
     emulator.admin.put_service_account(sa)
@@ -227,11 +231,16 @@ async def test_unknown_service_account_is_refused_like_act_as(clients, deploy, e
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
-        (lambda s: s.template.containers[0].env.append(run_v2.EnvVar(name="PORT", value="1")),
-         "reserved env names"),
-        (lambda s: s.template.containers[0].env.extend(
-            [run_v2.EnvVar(name="D", value="1"), run_v2.EnvVar(name="D", value="2")]),
-         "duplicate"),
+        (
+            lambda s: s.template.containers[0].env.append(run_v2.EnvVar(name="PORT", value="1")),
+            "reserved env names",
+        ),
+        (
+            lambda s: s.template.containers[0].env.extend(
+                [run_v2.EnvVar(name="D", value="1"), run_v2.EnvVar(name="D", value="2")]
+            ),
+            "duplicate",
+        ),
         (lambda s: setattr(s.template.scaling, "min_instance_count", 50), "min_instance_count"),
         (lambda s: s.template.containers[0].resources.limits.update({"memory": "lots"}), "memory"),
         (lambda s: s.template.__setattr__("containers", []), "at least one container"),
@@ -249,8 +258,13 @@ async def test_invalid_service_spec_is_invalid_argument(clients, deploy, mutate,
 
 @pytest.mark.parametrize(
     "name",
-    ["", "garbage", "projects/p/locations/us-west2/services/x", "projects/proj-ok/services/x",
-     f"projects/{PROJECT}/locations/{REGION}/services/Bad_Name"],
+    [
+        "",
+        "garbage",
+        "projects/p/locations/us-west2/services/x",
+        "projects/proj-ok/services/x",
+        f"projects/{PROJECT}/locations/{REGION}/services/Bad_Name",
+    ],
 )
 async def test_malformed_names_are_invalid_argument(clients, name):
     with pytest.raises(gexc.InvalidArgument):
