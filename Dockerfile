@@ -39,7 +39,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels runwarden \
  && pip uninstall --yes setuptools wheel pip
 USER 65532:65532
-WORKDIR /tmp
+# `python -m` puts the working directory on sys.path: keep it one nobody can write to.
+WORKDIR /
 EXPOSE 8080 9090
 ENTRYPOINT ["python", "-m", "controller"]
 CMD ["--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090", "--log-format=json"]

@@ -1,0 +1,1 @@
+"""Deployment artefacts: Dockerfile, manifests/, RBAC proven on the apiserver."""

@@ -1,0 +1,219 @@
+"""manifests/ as kustomize renders it: what gets installed, how the controller is locked down, and
+the pipeline's examples. Rendering needs only the built kubectl (no apiserver); the examples are
+also validated by a real apiserver (server-side dry run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fixtures.k8s import BIN
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+EXAMPLES = MANIFESTS / "examples"
+SA_EMAIL_PLACEHOLDER = "runwarden@PROJECT_ID.iam.gserviceaccount.com"
+PUSH_SA = "serviceAccount:756957797294-compute@developer.gserviceaccount.com"
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = BIN / "kubectl"
+    if not kubectl.exists():
+        pytest.fail(f"{kubectl} not found: build it with `hack/testenv build` (`make test` does)")
+    done = subprocess.run(
+        [str(kubectl), "kustomize", str(directory)], text=True, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[tuple[str, str], dict[str, Any]]:
+    objects = kustomize(MANIFESTS)
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    assert len(by_kind) == len(objects), "no object twice"
+    return by_kind
+
+
+@pytest.fixture(scope="module")
+def deployment(base) -> dict[str, Any]:
+    return base[("Deployment", "runwarden")]
+
+
+@pytest.fixture(scope="module")
+def container(deployment) -> dict[str, Any]:
+    [only] = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def test_base_installs_exactly_the_controller(base):
+    assert sorted(base) == [
+        ("ClusterRole", "runwarden"),
+        ("ClusterRoleBinding", "runwarden"),
+        ("CustomResourceDefinition", "orchestrators.runwarden.dev"),
+        ("Deployment", "runwarden"),
+        ("Namespace", "runwarden-system"),
+        ("ServiceAccount", "runwarden"),
+    ]
+    for (kind, _), obj in base.items():
+        if kind in ("ServiceAccount", "Deployment"):
+            assert obj["metadata"]["namespace"] == "runwarden-system"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "runwarden"
+
+
+def test_the_crd_is_the_one_in_crds(base):
+    crd_file = yaml.safe_load((REPO / "crds" / "orchestrators.runwarden.dev.yaml").read_text())
+    rendered = base[("CustomResourceDefinition", "orchestrators.runwarden.dev")]
+    assert rendered["spec"] == crd_file["spec"]
+
+
+def test_examples_are_not_in_the_base(base):
+    assert not any(kind == "Orchestrator" for kind, _ in base)
+
+
+def test_service_account_carries_the_workload_identity_annotation(base):
+    sa = base[("ServiceAccount", "runwarden")]
+    assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == SA_EMAIL_PLACEHOLDER
+    binding = base[("ClusterRoleBinding", "runwarden")]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "runwarden",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "runwarden", "namespace": "runwarden-system"}
+    ]
+    assert deployment_sa(base) == "runwarden"
+
+
+def deployment_sa(base) -> str:
+    return base[("Deployment", "runwarden")]["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+def test_cluster_role_is_least_privilege(base):
+    rules = base[("ClusterRole", "runwarden")]["rules"]
+    granted = {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    for rule in rules:
+        assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], rule
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+    assert granted == {
+        ("runwarden.dev", "orchestrators", "get"),
+        ("runwarden.dev", "orchestrators", "list"),
+        ("runwarden.dev", "orchestrators", "watch"),
+        ("runwarden.dev", "orchestrators", "patch"),
+        ("runwarden.dev", "orchestrators/status", "get"),
+        ("runwarden.dev", "orchestrators/status", "patch"),
+        ("runwarden.dev", "orchestrators/finalizers", "update"),
+        ("", "events", "create"),
+        ("", "events", "patch"),
+        ("events.k8s.io", "events", "create"),
+        ("events.k8s.io", "events", "patch"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
+
+
+def test_deployment_runs_one_controller_at_a_time(deployment, container):
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert container["image"] == "ghcr.io/runwarden/runwarden:0.1.0"
+    assert container["args"] == [
+        "--all-namespaces",
+        "--standalone",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=9090",
+        "--log-format=json",
+    ]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+
+
+def test_deployment_is_locked_down(deployment, container):
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = container["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == 65532
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not ctx.get("privileged", False)
+    for kind in ("requests", "limits"):
+        assert set(container["resources"][kind]) == {"cpu", "memory"}, kind
+    assert not pod.get("hostNetwork") and not pod.get("hostPID")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    assert all("hostPath" not in v for v in volumes.values())
+
+
+def test_liveness_probe_and_metrics_match_the_args(deployment, container):
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    probe = container["livenessProbe"]["httpGet"]
+    port = ports.get(probe["port"], probe["port"])
+    assert f"--liveness=http://0.0.0.0:{port}{probe['path']}" in container["args"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert f"--metrics-port={annotations['prometheus.io/port']}" in container["args"]
+    assert int(annotations["prometheus.io/port"]) in ports.values()
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_audit_subscription_is_documented_but_off(container):
+    assert not any(e["name"] == "RUNWARDEN_AUDIT_SUBSCRIPTION" for e in container.get("env", []))
+    text = (MANIFESTS / "deployment.yaml").read_text()
+    assert "#     value: projects/PROJECT_ID/subscriptions/" in text
+    assert "RUNWARDEN_AUDIT_SUBSCRIPTION" in text
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[dict[str, Any]]:
+    return kustomize(EXAMPLES)
+
+
+def test_examples_are_the_three_pipeline_orchestrators(examples):
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in examples)
+    assert kinds == [
+        ("Namespace", "pipeline"),
+        ("Orchestrator", "phase3-to-phase4"),
+        ("Orchestrator", "phase4-to-phase5"),
+        ("Orchestrator", "phase5-to-phase6"),
+    ]
+    for orch in (o for o in examples if o["kind"] == "Orchestrator"):
+        spec = orch["spec"]
+        assert orch["metadata"]["namespace"] == "pipeline"
+        assert spec["service"] == {
+            "project": "nba-props-platform",
+            "region": "us-west2",
+            "name": orch["metadata"]["name"],
+        }
+        env = {e["name"]: e for e in spec["env"]}
+        assert env["GCP_PROJECT_ID"]["value"] == "nba-props-platform"
+        assert env["SLACK_WEBHOOK_URL"]["secretKeyRef"]["secret"] == "slack-webhook"
+        assert PUSH_SA in spec["invokers"]["members"]
+
+
+def test_examples_pass_the_apiserver(crds, namespace, examples):
+    """Server-side dry run: the apiserver's schema and CEL rules accept every example (moved to a
+    fresh namespace so the shared control plane gets no `pipeline` namespace)."""
+    for orch in (o for o in examples if o["kind"] == "Orchestrator"):
+        orch = {**orch, "metadata": {**orch["metadata"], "namespace": namespace}}
+        done = crds.kubectl(
+            "apply", "--dry-run=server", "-f", "-", input=json.dumps(orch), check=False
+        )
+        assert done.returncode == 0, f"{orch['metadata']['name']}: {done.stderr}"
