@@ -9,6 +9,7 @@ import os
 import re
 import sys
 
+from .audit import AuditSetupError
 from .seed import SeedError
 from .server import Options, serve
 
@@ -49,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default=None,
         help="seed for revision suffixes and fault sampling (reproducible runs)",
     )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process is gone (so a killed test run leaks no emulator)",
+    )
     p.add_argument("--log-level", default=os.environ.get("CLOUDRUN_EMULATOR_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if a.rollout_ms < 0:
@@ -71,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         audit_topic=a.audit_topic,
         ready_file=a.ready_file,
         random_seed=a.random_seed,
+        parent_pid=a.parent_pid,
     )
 
 
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     try:
         asyncio.run(serve(opts))
-    except SeedError as exc:
+    except (SeedError, AuditSetupError) as exc:
         print(f"cloudrun-emulator: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -30,6 +30,7 @@ class Options:
     audit_topic: str | None = None
     ready_file: str | None = None
     random_seed: int | None = None
+    parent_pid: int | None = None
 
 
 async def serve(opts: Options, stop: asyncio.Event | None = None) -> None:
@@ -70,9 +71,14 @@ async def serve(opts: Options, stop: asyncio.Event | None = None) -> None:
     )
     if opts.ready_file:
         _write_ready_file(opts.ready_file, grpc_port, admin_port)
+    watchdog = None
+    if opts.parent_pid:
+        watchdog = asyncio.create_task(_watch_parent(opts.parent_pid, stop))
     try:
         await stop.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         log.info("stopping")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -88,3 +94,16 @@ def _write_ready_file(path: str, grpc_port: int, admin_port: int) -> None:
     tmp = Path(path + ".tmp")
     tmp.write_text(json.dumps({"grpcPort": grpc_port, "adminPort": admin_port, "pid": os.getpid()}))
     tmp.replace(path)
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("parent_gone pid=%d", pid)
+            stop.set()
+            return
+        except PermissionError:
+            pass  # exists, owned by someone else
+        await asyncio.sleep(1.0)

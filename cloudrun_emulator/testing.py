@@ -119,6 +119,8 @@ class EmulatorProcess:
             str(self._ready_file),
             "--rollout-ms",
             str(self.rollout_ms),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]

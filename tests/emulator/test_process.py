@@ -14,6 +14,7 @@ import pytest
 
 from cloudrun_emulator.testing import EmulatorProcess, EmulatorStartError
 from controller.clients import make_clients
+from tests.fixtures.wait import wait_for
 
 SEED = textwrap.dedent(
     """
@@ -151,3 +152,34 @@ async def test_garbage_on_the_wire_is_invalid_argument(emulator):
             await unknown(b"", timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert emulator.admin.healthz()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_emulator_exits_when_its_parent_is_killed(tmp_path):
+    """A test run killed with SIGKILL does not leak an emulator (--parent-pid watchdog)."""
+    script = (
+        "import sys, time\n"
+        "from cloudrun_emulator.testing import EmulatorProcess\n"
+        "emu = EmulatorProcess(log_dir=sys.argv[1]).start()\n"
+        "print(emu.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid = int(parent.stdout.readline())
+        assert _running(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    wait_for(lambda: not _running(pid), timeout=15, message="emulator outlived its parent")
