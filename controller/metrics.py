@@ -31,6 +31,19 @@ ORCHESTRATORS = Gauge(
     ["ready"],
 )
 
+AUDIT_EVENTS = Counter(
+    "runwarden_audit_events_total",
+    "Cloud Audit Log entries received from --audit-subscription, by what became of them.",
+    ["result"],  # matched | own | unmatched | malformed
+)
+for _result in ("matched", "own", "unmatched", "malformed"):
+    AUDIT_EVENTS.labels(result=_result)
+DRIFT_REPAIR_SECONDS = Histogram(
+    "runwarden_drift_repair_seconds",
+    "From the audit log entry of someone else's change to the repair, verified.",
+    buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900, 3600),
+)
+
 _ready_by_object: dict[tuple[str, str], str] = {}
 
 
