@@ -297,7 +297,7 @@ def test_controller_reconciles_to_ready_as_the_service_account(
             )
             return done.returncode != 0 and "NotFound" in done.stderr
 
-        wait_for(gone, timeout=60, message="the Orchestrator deleted (finalizer released)")
+        wait_for(gone, timeout=120, message="the Orchestrator deleted (finalizer released)")
     finally:
         controller.stop()
     # No RBAC refusal anywhere in the run (other refusals, e.g. Events in a namespace that is
