@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -72,7 +73,7 @@ def widget(name: str, namespace: str, **spec: object) -> str:
     )
 
 
-def get_json(plane: ControlPlane, *args: str) -> dict:
+def get_json(plane: ControlPlane, *args: str) -> Any:
     return json.loads(plane.kubectl("get", *args, "-o", "json").stdout)
 
 
@@ -83,7 +84,7 @@ def k8s_version() -> str:
     return match.group(1)
 
 
-def request_table(plane: ControlPlane, path: str, tmp_path: Path) -> dict:
+def request_table(plane: ControlPlane, path: str, tmp_path: Path) -> Any:
     """GET `path` as a meta.k8s.io/v1 Table, the server-side rendering `kubectl get` shows.
 
     kubectl cannot send an Accept header with --raw, so this speaks HTTPS with the kubeconfig's
