@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.model import Failure, Retry, ServiceRef, WriteRecord
 
@@ -42,6 +43,9 @@ class DriftLoop:
     failures: int = 0  # consecutive failed checks, for the backoff
     last_write: WriteRecord = field(default_factory=WriteRecord)
     deleted: bool = False
+    checks: int = 0  # completed checks since this process started
+    # Status this process wrote that the watch may not have delivered yet (top-level keys).
+    written: dict[str, Any] = field(default_factory=dict)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
     _reasons: list[str] = field(default_factory=list)
 
@@ -75,6 +79,13 @@ class DriftLoop:
         self._event.clear()
         return reasons
 
+    def history(self, live: Mapping[str, Any]) -> dict[str, Any]:
+        """The status as this process last left it: the live one overlaid with what was written
+        since and not seen back yet. Counters and transition times build on this."""
+        if all(live.get(k) == v for k, v in self.written.items()):
+            self.written.clear()  # the watch has caught up
+        return {**live, **self.written}
+
     def schedule(
         self,
         resync: float,
@@ -82,11 +93,15 @@ class DriftLoop:
         rng: random.Random | None = None,
     ) -> float:
         """Set when the next check is due after a check; returns the delay in seconds."""
+        self.checks += 1
         if failure is None:
             self.failures = 0
         else:
             self.failures += 1
-        delay = next_delay(resync, failure, self.failures, rng)
+        if failure is None and self.checks == 1:
+            delay = first_delay(resync, rng)
+        else:
+            delay = next_delay(resync, failure, self.failures, rng)
         self.due = asyncio.get_running_loop().time() + delay
         return delay
 

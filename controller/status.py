@@ -52,9 +52,15 @@ def build_patch(
     update: StatusUpdate,
     generation: int,
     now: datetime,
+    current: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The merge patch (the value for ``.status``) that records ``update``; {} if nothing moves."""
+    """The merge patch (the value for ``.status``) that records ``update``; {} if nothing moves.
+
+    ``status`` is the history the update builds on (counters, transition times); ``current`` is
+    what the server is known to hold, to leave out what is already there (default: ``status``).
+    """
     status = status or {}
+    current = status if current is None else current
     stamp = timestamp(now)
     want: dict[str, Any] = {"observedGeneration": generation}
 
@@ -89,7 +95,7 @@ def build_patch(
         drift["pending"] = list(update.pending)
     want["drift"] = drift
 
-    return {k: v for k, v in want.items() if status.get(k) != v}
+    return {k: v for k, v in want.items() if current.get(k) != v}
 
 
 def _condition(

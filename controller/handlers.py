@@ -1,0 +1,255 @@
+"""The kopf wiring: the only module that imports kopf.
+
+Shape of the drift loop (why a timer and not a daemon):
+  Each Orchestrator gets one loop (controller.loops.DriftLoop) that checks "at once when woken,
+  else when the resync is due". kopf applies a daemon's ``patch`` only when the daemon function
+  returns, so a forever-running daemon could not write status through kopf; a timer's patch is
+  applied after every call. So the loop is a kopf *timer* whose call blocks until the loop is
+  woken or due, runs ONE check, and returns — kopf then applies that check's status patch and
+  calls again after a short gap. It behaves like a daemon loop but writes status the kopf way,
+  and kopf still owns its lifecycle (started for each object, stopped on deletion and exit).
+  Timer kwargs (body, spec, status) are live views, so a woken check sees the newest spec.
+
+  Spec changes (create/update/resume, spec only: status patches do not trigger them) just wake
+  the loop; so can anything else via ``controller.loops.wake(project, region, service)`` — the
+  hook for the Cloud Audit Log listener. Checks and the deletion handler for one object share
+  the loop's lock, so they never run concurrently.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from controller import logs, metrics, reconcile, spec, status
+from controller.clients import Clients, make_clients
+from controller.gateway import Gateway, GatewayError
+from controller.loops import REGISTRY, DriftLoop, next_delay
+from controller.model import Desired, Failure, Mode, Retry, StatusUpdate
+from controller.settings import Settings
+
+GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
+FINALIZER = "runwarden.dev/finalizer"
+LOOP_GAP = 0.05  # seconds between a timer call returning and the next one starting to wait
+DEFAULT_RESYNC = 60.0
+
+log = logs.get("runwarden.controller")
+
+
+def run(settings: Settings) -> None:
+    """Run the operator until SIGTERM/SIGINT."""
+    kopf.run(
+        standalone=settings.standalone,
+        namespaces=list(settings.namespaces),
+        clusterwide=settings.all_namespaces and not settings.namespaces,
+        liveness_endpoint=settings.liveness,
+        memo=kopf.Memo(config=settings),
+    )
+
+
+# ---------------------------------------------------------------------- operator lifecycle
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config: Settings = memo.config
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="runwarden.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="runwarden.dev", key="last-handled-configuration"
+    )
+    # On deletion kopf waits for the drift-loop timer to exit before releasing the finalizer; it
+    # exits within milliseconds, so check for that often instead of kopf's default 60 s.
+    settings.background.instant_exit_timeout = 0.5
+    settings.background.cancellation_polling = 1.0
+    # kopf would also post its own log lines as Events; ours are the contract's Events only.
+    # (posting.enabled=False would also silence kopf.event(), which posts ours.)
+    settings.posting.level = logging.CRITICAL
+    clients = make_clients(config.gcp_endpoint)
+    memo.clients = clients
+    memo.gateway = Gateway(clients)
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
+    log.info(
+        "started",
+        gcp="emulator" if config.gcp_endpoint else "google",
+        namespaces=list(config.namespaces) or "*",
+        resync_override=config.resync_override,
+        metrics_port=config.metrics_port,
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    clients: Clients | None = memo.get("clients")
+    if clients is not None:
+        await clients.close()
+    log.info("stopped")
+
+
+# ---------------------------------------------------------------------- spec changes
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def spec_changed(namespace: str, name: str, reason: str, **_: Any) -> None:
+    """Check this Orchestrator at once (the drift loop picks up the new spec)."""
+    REGISTRY.loop(namespace, name).wake(f"spec-{reason}")
+
+
+# ---------------------------------------------------------------------- the drift loop
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, id="drift-loop", interval=LOOP_GAP)
+async def drift_loop(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    namespace: str,
+    name: str,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """One check of one Orchestrator, once it is woken or due (see the module docstring)."""
+    loop = REGISTRY.loop(namespace, name)
+    reasons = await loop.wait(stopped.wait)
+    if not reasons or stopped or loop.deleted:
+        return
+    async with loop.lock:
+        if stopped or loop.deleted or body.metadata.get("deletionTimestamp"):
+            return
+        status_patch = await _check(loop, body, memo, reasons)
+    if status_patch:
+        patch.status.update(status_patch)
+
+
+async def _check(
+    loop: DriftLoop, body: kopf.Body, memo: kopf.Memo, reasons: tuple[str, ...]
+) -> dict[str, Any]:
+    config: Settings = memo.config
+    gateway: Gateway = memo.gateway
+    # A consistent snapshot: the live body may change while we await Google.
+    raw_spec = copy.deepcopy(dict(body.get("spec") or {}))
+    generation = int(body.metadata.get("generation") or 0)
+    live_status = copy.deepcopy(dict(body.get("status") or {}))
+    history = loop.history(live_status)
+    ref_log = log.bind(k8s_ref={"namespace": loop.key[0], "name": loop.key[1]})
+
+    started = time.monotonic()
+    resync = config.resync_override or DEFAULT_RESYNC
+    desired: Desired | None = None
+    try:
+        desired = spec.parse(raw_spec, config.resync_override)
+    except spec.InvalidSpec as exc:
+        update = reconcile.failed(Failure(exc.reason, exc.message, Retry.SPEC_CHANGE), ())
+    else:
+        loop.ref = desired.ref
+        resync = desired.policy.resync_seconds
+        update = await reconcile.reconcile(
+            gateway,
+            desired,
+            status.managed_of(history),
+            status.prior_of(history, generation),
+        )
+    elapsed = time.monotonic() - started
+
+    status_patch = status.build_patch(
+        history, update, generation, datetime.now(UTC), current=live_status
+    )
+    loop.written.update(status_patch)
+    for event in update.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if update.wrote.generation is not None or update.wrote.iam_etag is not None:
+        loop.last_write = update.wrote
+    delay = loop.schedule(resync, update.failure)
+
+    result = _result(update, desired)
+    metrics.RECONCILES.labels(result=result).inc()
+    metrics.RECONCILE_SECONDS.observe(elapsed)
+    for aspect in update.drift.aspects:
+        metrics.DRIFT_REPAIRS.labels(aspect=aspect.value).inc()
+    metrics.set_ready(loop.key[0], loop.key[1], "True" if update.ready.status else "False")
+
+    fields: dict[str, Any] = {
+        "result": result,
+        "reason": str(update.ready.reason),
+        "woken_by": list(reasons),
+        "seconds": round(elapsed, 3),
+        "next_check_in": round(delay, 1) if delay != float("inf") else None,
+    }
+    if update.drift.detected:
+        fields["drift"] = list(update.drift.detected)
+    if update.pending:
+        fields["pending"] = list(update.pending)
+    if update.failure is not None:
+        ref_log.warning("check_failed", message=update.failure.message, **fields)
+    elif result in ("repaired", "applied", "pending"):
+        ref_log.info("check", **fields)
+    else:
+        ref_log.debug("check", **fields)
+    return status_patch
+
+
+def _result(update: StatusUpdate, desired: Desired | None) -> str:
+    if update.failure is not None:
+        return "error"
+    if desired is not None and desired.policy.mode is Mode.OBSERVE and update.pending:
+        return "pending"
+    if update.drift.repaired:
+        return "repaired"
+    if update.wrote.generation is not None or update.wrote.iam_etag is not None:
+        return "applied"
+    return "synced"
+
+
+# ---------------------------------------------------------------------- deletion
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def deleted(
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    retry: int,
+    **_: Any,
+) -> None:
+    """Deletion policy: Abandon leaves GCP as it is; Revoke removes what this Orchestrator owns
+    (status.managed) before the finalizer goes."""
+    loop = REGISTRY.loop(namespace, name)
+    ref_log = log.bind(k8s_ref={"namespace": namespace, "name": name})
+    raw_spec: Mapping[str, Any] = copy.deepcopy(dict(body.get("spec") or {}))
+    async with loop.lock:
+        history = loop.history(copy.deepcopy(dict(body.get("status") or {})))
+        REGISTRY.forget(namespace, name)
+        metrics.set_ready(namespace, name, None)
+        if spec.parse_deletion(raw_spec) is not spec.DeletionPolicy.REVOKE:
+            ref_log.info("deleted", deletion="Abandon")
+            return
+        try:
+            ref = spec.parse_ref(raw_spec)
+        except spec.InvalidSpec as exc:
+            ref_log.warning("revoke_skipped", message=exc.message)
+            return
+        container = raw_spec.get("service", {}).get("container") or ""
+        target = Desired(ref=ref, container=container, role=spec.parse_role(raw_spec))
+        gateway: Gateway = memo.gateway
+        try:
+            removed = await reconcile.revoke(gateway, target, status.managed_of(history))
+        except GatewayError as exc:
+            delay = next_delay(DEFAULT_RESYNC, exc.failure(), retry + 1)
+            ref_log.warning("revoke_failed", message=exc.message, retry_in=round(delay, 1))
+            kopf.event(
+                body, type="Warning", reason="UpdateFailed", message=f"revoke: {exc.message}"
+            )
+            raise kopf.TemporaryError(exc.message, delay=delay) from exc
+        message = f"removed from service {ref}: " + (", ".join(removed) or "nothing left to remove")
+        kopf.event(body, type="Normal", reason="Revoked", message=message)
+        ref_log.info("deleted", deletion="Revoke", removed=list(removed))
