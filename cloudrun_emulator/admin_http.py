@@ -19,7 +19,7 @@ from .state import Store
 
 log = logging.getLogger("cloudrun_emulator")
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -182,6 +182,4 @@ async def start_admin(
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=False)
     await site.start()
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return runner, bound
+    return runner, int(runner.addresses[0][1])

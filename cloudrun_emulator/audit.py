@@ -170,7 +170,7 @@ class AuditPublisher:
             raise AuditSetupError(
                 "--audit-topic needs PUBSUB_EMULATOR_HOST (the Pub/Sub emulator's HOST:PORT)"
             )
-        from google.cloud import pubsub_v1
+        from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 
         self.topic = topic
         self.client = pubsub_v1.PublisherClient()

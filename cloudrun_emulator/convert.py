@@ -131,7 +131,8 @@ def _int(key: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
-def _ensure_container(service: Any) -> Any:
+def ensure_container(service: Any) -> Any:
+    """The main container, created (Cloud Run's sample image, port 8080) when there is none."""
     c = main_container(service)
     if c is None:
         c = service.template.containers.add(image=DEFAULT_IMAGE)
@@ -147,7 +148,7 @@ def apply_settings(service: Any, settings: Any) -> None:
     if unknown:
         raise invalid(f"unknown settings key(s) {unknown}; expected some of {list(SETTINGS_KEYS)}")
     t = service.template
-    c = _ensure_container(service)
+    c = ensure_container(service)
     for key, value in settings.items():
         if key == "serviceAccount":
             if value is None:
@@ -202,7 +203,7 @@ def apply_env(
     secret_env: dict[str, Any] | None,
 ) -> None:
     """Replace the main container's plain env (`env`) and/or secret env (`secretEnv`)."""
-    c = _ensure_container(service)
+    c = ensure_container(service)
     old_plain, old_secret = env_of(service)
     if env is not None:
         if not isinstance(env, dict):

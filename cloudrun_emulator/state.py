@@ -872,8 +872,7 @@ class Store:
         if "settings" in body:
             convert.apply_settings(spec, body["settings"])
         if image is not None:
-            c = convert.main_container(spec)
-            c.image = image
+            convert.ensure_container(spec).image = image
 
         # Build the new policy first so that a bad member fails before anything is written.
         new_policy = None
