@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 ENV_GCP_ENDPOINT = "RUNWARDEN_GCP_ENDPOINT"
 ENV_RESYNC_SECONDS = "RUNWARDEN_RESYNC_SECONDS"
+ENV_AUDIT_SUBSCRIPTION = "RUNWARDEN_AUDIT_SUBSCRIPTION"
+ENV_OWN_PRINCIPAL = "RUNWARDEN_OWN_PRINCIPAL"
+ENV_FIGHT_THRESHOLD = "RUNWARDEN_FIGHT_THRESHOLD"
+ENV_FIGHT_WINDOW = "RUNWARDEN_FIGHT_WINDOW_SECONDS"
+SUBSCRIPTION_RE = re.compile(r"^projects/[^/]+/subscriptions/[^/]+$")
 LOG_FORMATS = ("json", "console")
 
 
@@ -23,6 +29,12 @@ class Settings:
     liveness: str | None = None
     log_format: str = "json"
     resync_override: float | None = None  # seconds, for every Orchestrator
+    # Cloud Audit Logs via Pub/Sub (docs/audit-logs.md); None = polling only.
+    audit_subscription: str | None = None  # projects/P/subscriptions/S
+    own_principal: str | None = None  # None = the credentials' service account
+    audit_debounce: float = 1.0  # seconds to gather one service's entries before a check
+    fight_threshold: int = 5  # > this many repairs of one service in the window: DriftFight
+    fight_window: float = 600.0  # seconds
 
     @classmethod
     def from_cli(
@@ -42,6 +54,27 @@ class Settings:
             if not resync > 0:
                 parser.error(f"{ENV_RESYNC_SECONDS} must be positive")
         log_format = args.log_format or ("console" if sys.stderr.isatty() else "json")
+        subscription = (
+            args.audit_subscription or environ.get(ENV_AUDIT_SUBSCRIPTION, "").strip() or None
+        )
+        if subscription is not None and not SUBSCRIPTION_RE.match(subscription):
+            parser.error("--audit-subscription must look like projects/P/subscriptions/S")
+        threshold = args.fight_threshold
+        if threshold is None:
+            raw = environ.get(ENV_FIGHT_THRESHOLD, "").strip()
+            try:
+                threshold = int(raw) if raw else 5
+            except ValueError:
+                parser.error(f"{ENV_FIGHT_THRESHOLD} must be a whole number")
+        window = args.fight_window
+        if window is None:
+            raw = environ.get(ENV_FIGHT_WINDOW, "").strip()
+            try:
+                window = float(raw) if raw else 600.0
+            except ValueError:
+                parser.error(f"{ENV_FIGHT_WINDOW} must be a number of seconds")
+        if threshold < 0 or not window > 0 or args.audit_debounce < 0:
+            parser.error("--fight-threshold and --audit-debounce must be >= 0, --fight-window > 0")
         return cls(
             namespaces=tuple(args.namespace or ()),
             all_namespaces=args.all_namespaces or not args.namespace,
@@ -51,6 +84,11 @@ class Settings:
             liveness=args.liveness,
             log_format=log_format,
             resync_override=resync,
+            audit_subscription=subscription,
+            own_principal=args.own_principal or environ.get(ENV_OWN_PRINCIPAL, "").strip() or None,
+            audit_debounce=args.audit_debounce,
+            fight_threshold=threshold,
+            fight_window=window,
         )
 
 
@@ -92,5 +130,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=LOG_FORMATS,
         help="json (default when not on a terminal) or console (default on a terminal)",
+    )
+    audit = parser.add_argument_group(
+        "Cloud Audit Logs (repair within seconds; docs/audit-logs.md)"
+    )
+    audit.add_argument(
+        "--audit-subscription",
+        metavar="projects/P/subscriptions/S",
+        help="Pub/Sub subscription receiving Cloud Run audit log entries; env "
+        f"{ENV_AUDIT_SUBSCRIPTION} (PUBSUB_EMULATOR_HOST is honoured)",
+    )
+    audit.add_argument(
+        "--own-principal",
+        metavar="EMAIL",
+        help="Runwarden's own identity in audit entries (default: the credentials' service "
+        f"account; with --gcp-endpoint, runwarden@example.com); env {ENV_OWN_PRINCIPAL}",
+    )
+    audit.add_argument(
+        "--audit-debounce",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="gather one service's entries this long before checking it (default 1)",
+    )
+    audit.add_argument(
+        "--fight-threshold",
+        type=int,
+        metavar="N",
+        help="more than N repairs of one service within --fight-window is a DriftFight: hold "
+        f"its repairs with exponential backoff (default 5; 0 = never); env {ENV_FIGHT_THRESHOLD}",
+    )
+    audit.add_argument(
+        "--fight-window",
+        type=float,
+        metavar="SECONDS",
+        help=f"the fight detection window (default 600); env {ENV_FIGHT_WINDOW}",
     )
     return parser
