@@ -35,6 +35,7 @@ demo-down:
 	hack/demo down
 
 bench: venv testenv
+	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(BIN)/python -m bench
 
 soak: venv testenv

@@ -1,0 +1,236 @@
+"""Results -> the markdown table (printed and written to bench/results/latest.md) and the chart."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.scenarios import Config, Economy, Overhead, Quota, Scale
+
+GOAL_RATIO = 2.0
+GOAL_REPAIR_SECONDS = 60.0
+GOAL_RSS_MB = 250.0
+METHOD_ORDER = (
+    "GetService",
+    "GetIamPolicy",
+    "UpdateService",
+    "SetIamPolicy",
+    "GetOperation",
+    "GetServiceAccount",
+)
+
+
+@dataclass
+class Results:
+    config: Config
+    started: str  # ISO date-time, UTC
+    command: str
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    duration: float = 0.0
+    economy: Economy | None = None
+    overhead: Overhead | None = None
+    scales: list[Scale] = field(default_factory=list)
+    quota: Quota | None = None
+    audit: str | None = None  # bench/audit_latency.py's table (issue 8), when it exists
+    errors: list[str] = field(default_factory=list)
+
+
+def _ok(flag: bool) -> str:
+    return "✅" if flag else "❌"
+
+
+def _num(v: float, digits: int = 2) -> str:
+    return f"{v:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{v:.0f}"
+
+
+def tables(r: Results) -> str:
+    """The markdown tables (what `make bench` prints)."""
+    out: list[str] = []
+    if r.economy is not None:
+        e = r.economy
+        out += [
+            f"### 1. API economy — {e.n} Orchestrators; calls per steady-state check, and per "
+            "repair (the repair check's own reads included)",
+            "",
+            "| scenario | checks | repairs | " + " | ".join(METHOD_ORDER) + " | target | ok |",
+            "|---|---:|---:|" + "---:|" * len(METHOD_ORDER) + "---|---|",
+        ]
+        for row in e.rows:
+            cells = [_num(row.per.get(m, 0.0)) for m in METHOD_ORDER]
+            extra = sorted(set(row.per) - set(METHOD_ORDER))
+            target = row.target + (f" (also: {', '.join(extra)})" if extra else "")
+            out.append(
+                f"| {row.scenario} | {row.checks} | {row.repairs} | "
+                + " | ".join(cells)
+                + f" | {target} | {_ok(row.ok)} |"
+            )
+        out.append("")
+    if r.overhead is not None:
+        o = r.overhead
+        out += [
+            f"### 2. Overhead — {o.n} Orchestrators, resync {_num(o.resync)} s, "
+            f"{_num(o.window, 1)} s window",
+            "",
+            "| | checks | calls/check | CPU ms/check |",
+            "|---|---:|---:|---:|",
+            f"| controller (`python -m controller`) | {o.checks} | {_num(o.calls_per_check)} | "
+            f"{_num(o.controller_ms)} |",
+            f"| bare script, same clients and rate (`python -m bench.bare`) | {o.bare_checks} | "
+            f"{_num(o.bare_calls_per_check)} | {_num(o.bare_ms)} |",
+            f"| **ratio** (goal ≤ {_num(GOAL_RATIO)}) | | | **{_num(o.ratio)}** "
+            f"{_ok(o.ratio <= GOAL_RATIO)} |",
+            "",
+        ]
+    if r.scales:
+        s0 = r.scales[0]
+        out += [
+            f"### 3. Scale — emulator latency {s0.latency_ms} ms per call, resync "
+            f"{_num(s0.resync)} s",
+            "",
+            "| Orchestrators | kubectl apply (s) | apply → all Ready (s) "
+            "| all drift → all repaired (s) | peak RSS (MB) | CPU s to Ready | CPU s to repair "
+            "| steady CPU (% of a core) | steady checks/s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in r.scales:
+            out.append(
+                f"| {s.n} | {_num(s.apply_seconds, 1)} | {_num(s.ready_seconds, 1)} | "
+                f"{_num(s.repair_seconds, 1)} {_ok(s.repair_seconds <= GOAL_REPAIR_SECONDS)} | "
+                f"{_num(s.peak_rss_mb, 0)} {_ok(s.peak_rss_mb <= GOAL_RSS_MB)} | "
+                f"{_num(s.cpu_ready, 1)} | {_num(s.cpu_repair, 1)} | "
+                f"{_num(s.steady_cpu_percent, 1)} | {_num(s.steady_checks_per_second, 1)} |"
+            )
+        out += [
+            "",
+            f"Goals: all repaired ≤ {_num(GOAL_REPAIR_SECONDS)} s after the drift (detection "
+            f"waits for the next check: up to {_num(s0.resync * 1.1)} s at this resync), "
+            f"peak RSS ≤ {_num(GOAL_RSS_MB)} MB.",
+            "",
+        ]
+    if r.quota is not None:
+        q = r.quota
+        period = q.reported_period
+        measured = q.measured_period
+        out += [
+            f"### 4. Quota pacing — {q.n} Orchestrators, emulator quota {q.rpm} reads/min, "
+            f"default resync, {_num(q.seconds)} s (warm-up {_num(q.warmup)} s)",
+            "",
+            "| RESOURCE_EXHAUSTED total | after warm-up | max reads in a 60 s window | "
+            "checks/min after warm-up | effective period reported (s) | measured (s) |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {q.exhausted_total} | {q.exhausted_after_warmup} "
+            f"{_ok(q.exhausted_after_warmup == 0)} | {q.max_reads_per_minute} | "
+            f"{_num(q.checks_per_minute, 0)} | "
+            f"{_num(period, 0) if period is not None else 'not reported ❌'} | "
+            f"{_num(measured, 0) if measured is not None else '-'} |",
+            "",
+            "Controller settings used: "
+            + ", ".join(f"`{k}={v}`" for k, v in sorted(q.budget_env.items())),
+            "",
+        ]
+    out += ["### 5. Detection → repair latency, audit events vs polling (issue 8)", ""]
+    out += [r.audit.strip() if r.audit else "_not measured: bench/audit_latency.py is absent_", ""]
+    if r.errors:
+        out += ["### Errors", "", *(f"- {e}" for e in r.errors), ""]
+    return "\n".join(out)
+
+
+def document(r: Results, chart: str | None, notes: str | None) -> str:
+    """The whole of bench/results/latest.md."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "controller") else ""
+    head = [
+        "# Runwarden benchmark — latest results",
+        "",
+        f"- Date: {r.started} (took {_num(r.duration / 60, 1)} min)",
+        f"- Command: `{r.command}`",
+        f"- Commit: `{commit}`{dirty}",
+        f"- Machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
+        f"{platform.python_version()}, {platform.system()} {platform.release()}",
+        "- Load average (1/5/15 min) before: "
+        + "/".join(_num(x) for x in r.load_before)
+        + ", after: "
+        + "/".join(_num(x) for x in r.load_after)
+        + " — the machine is shared; CPU-time figures are less affected than wall-clock ones",
+        "- Components: kube-apiserver + etcd (`hack/testenv`), `cloudrun-emulator`, "
+        "`python -m controller` as a subprocess, all on this machine",
+        "",
+    ]
+    body = tables(r)
+    tail = []
+    if chart:
+        tail += ["", f"![Ready Orchestrators over time]({chart})", ""]
+    tail += ["", _METHOD, ""]
+    if notes:
+        tail += ["", notes.strip(), ""]
+    return "\n".join(head) + "\n" + body + "\n".join(tail)
+
+
+_METHOD = """## How it is measured
+- **API economy**: the controller runs with a resync of 1 h, so it checks only when started
+  (kopf resumes every Orchestrator: one check each). Before each start the emulator's call
+  counters are reset and, for the repair rows, every service is drifted through the admin API.
+  Calls are the emulator's counters once quiet; checks and repairs the controller's
+  `runwarden_reconcile_total`. A repair row is the repair check's calls (its own 2 reads included)
+  minus what the plain checks in that start cost. GetServiceAccount is the IAM API, not Cloud
+  Run: it is asked before a member is (re)granted, and cached for 10 min in the process.
+- **Overhead**: process CPU (utime+stime from /proc) of the controller over a steady-state window
+  divided by the checks it made (`runwarden_reconcile_total`), against `python -m bench.bare`,
+  which makes the same number of checks (GetService + GetIamPolicy, same clients from
+  `controller.clients.make_clients`, same emulator) at the same rate, measured with
+  `time.process_time()` around the calls. The controller's figure includes everything a check
+  costs it: the status patch (`lastSyncTime`) and kopf's handling of the watch event it causes.
+- **Scale**: services exist in the emulator as someone else deployed them (no declared env,
+  invoker or setting yet); one `kubectl apply --server-side` of a multi-document YAML creates the
+  Orchestrators; Ready and drift counts come from a watch on the apiserver. "All drift" changes
+  the env of every service through the admin API (8 threads) and waits until every
+  Orchestrator's `status.drift.count` has grown. Peak RSS is the controller's VmHWM.
+- **Quota**: the emulator refuses reads beyond its per-minute budget with RESOURCE_EXHAUSTED and
+  RetryInfo, like Google. The controller restarts with the default resync (60 s) and the budget
+  as a setting; refusals are the controller's `runwarden_gcp_requests_total{code=
+  "RESOURCE_EXHAUSTED"}`, reads the emulator's counters sampled every 5 s."""
+
+
+def chart(scales: list[Scale], path: Path) -> bool:
+    """Ready (and repaired) Orchestrators over time, one line per scale; False without
+    matplotlib (bench/requirements.txt; `make bench` installs it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in scales:
+        xs, ys = _steps(s.ready_series)
+        ax1.step(xs, ys, where="post", label=f"{s.n} Orchestrators")
+        xs, ys = _steps([(0.0, 0), *s.repaired_series])
+        ax2.step(xs, ys, where="post", label=f"{s.n} Orchestrators")
+    ax1.set(title="Ready after kubectl apply", xlabel="seconds since apply", ylabel="Ready")
+    ax2.set(
+        title=f"Repaired after all services drift (resync {_num(scales[0].resync)} s)",
+        xlabel="seconds since drift",
+        ylabel="repaired",
+    )
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _steps(series: list[tuple[float, int]]) -> tuple[list[float], list[int]]:
+    return [t for t, _ in series], [k for _, k in series]
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return done.stdout.strip()
