@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from controller.model import Condition, Desired, Event, Mode, Reason, ServiceRef, StatusUpdate
 
-DRIFT_FIGHT = "DriftFight"
+DRIFT_FIGHT = Reason.DRIFT_FIGHT
 UNKNOWN_PRINCIPAL = "an unknown principal"
 
 

@@ -27,8 +27,10 @@ from typing import Any
 
 import kopf
 
-from controller import logs, metrics, reconcile, spec, status
+from controller import auditsub, fight, logs, metrics, reconcile, spec, status
+from controller.auditsub import AuditListener
 from controller.clients import Clients, make_clients
+from controller.fight import FightPolicy
 from controller.gateway import Gateway, GatewayError
 from controller.loops import REGISTRY, DriftLoop, next_delay
 from controller.model import Desired, Failure, Mode, Retry, StatusUpdate
@@ -76,17 +78,29 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.gateway = Gateway(clients)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
+    if config.audit_subscription:
+        memo.audit = await auditsub.start(
+            config.audit_subscription,
+            own_principal=config.own_principal,
+            gcp_endpoint=config.gcp_endpoint,
+            debounce=config.audit_debounce,
+            fight_policy=FightPolicy(threshold=config.fight_threshold, window=config.fight_window),
+        )
     log.info(
         "started",
         gcp="emulator" if config.gcp_endpoint else "google",
         namespaces=list(config.namespaces) or "*",
         resync_override=config.resync_override,
         metrics_port=config.metrics_port,
+        audit_subscription=config.audit_subscription,
     )
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    listener: AuditListener | None = memo.get("audit")
+    if listener is not None:
+        await listener.stop()
     clients: Clients | None = memo.get("clients")
     if clients is not None:
         await clients.close()
@@ -152,12 +166,18 @@ async def _check(
     else:
         loop.ref = desired.ref
         resync = desired.policy.resync_seconds
+        listener: AuditListener | None = memo.get("audit")
+        hold = listener.begin_check(desired.ref, reasons) if listener is not None else None
+        if hold is not None:
+            desired = fight.observe_only(desired)  # a DriftFight hold: report, do not repair
         update = await reconcile.reconcile(
             gateway,
             desired,
             status.managed_of(history),
             status.prior_of(history, generation),
         )
+        if listener is not None:
+            update = listener.end_check(desired.ref, update, hold)
     elapsed = time.monotonic() - started
 
     status_patch = status.build_patch(

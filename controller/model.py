@@ -215,6 +215,7 @@ class Reason(enum.StrEnum):
     PUBLIC_INVOKER_REFUSED = "PublicInvokerRefused"
     CONFLICT = "Conflict"
     PROGRESSING = "Progressing"
+    DRIFT_FIGHT = "DriftFight"  # someone keeps undoing the spec; repairs held (fight.py)
 
 
 @dataclass(frozen=True)
