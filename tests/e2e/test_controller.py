@@ -30,6 +30,7 @@ MEMBER = f"serviceAccount:{SA}"
 FOREIGN = "user:someone@example.com"
 OTHER_ROLE = "roles/run.developer"
 RUN = "google.cloud.run.v2.Services/"
+MODE_VALUE = "mode-value-7c1f"  # must never show up in logs or Events
 REPAIR_DEADLINE = 20  # resync 2 s + rollout + watch latency, on a busy 2-core machine
 
 
@@ -45,7 +46,7 @@ def orchestrator(name: str, service: str, **spec: Any) -> dict[str, Any]:
             "service": {"project": PROJECT, "region": REGION, "name": service},
             "env": [
                 {"name": "GCP_PROJECT_ID", "value": PROJECT},
-                {"name": "MODE", "value": "prod"},
+                {"name": "MODE", "value": MODE_VALUE},
             ],
             "invokers": {"members": [MEMBER]},
         },
@@ -186,7 +187,7 @@ def test_apply_becomes_ready_and_service_holds_spec(
     apply(crds, namespace, orchestrator("orch", service, settings={"maxInstances": 4}))
     obj = wait_condition(crds, namespace, "orch", "True")
     state = service_state(emulator, service)
-    assert state["env"] == {"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT, "MODE": "prod"}
+    assert state["env"] == {"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT, "MODE": MODE_VALUE}
     assert sorted(state["iam"]["roles/run.invoker"]) == sorted([FOREIGN, MEMBER])
     assert state["iam"][OTHER_ROLE] == [FOREIGN]
     assert state["settings"]["maxInstances"] == 4
@@ -246,7 +247,7 @@ async def test_env_wiped_by_full_template_update_is_restored_foreign_survives(
         "OTHER": "1",
         "FOREIGN": "keep-me",
         "GCP_PROJECT_ID": PROJECT,
-        "MODE": "prod",
+        "MODE": MODE_VALUE,
     }
     drift = obj["status"]["drift"]
     assert set(drift["last"]) == {"env GCP_PROJECT_ID missing", "env MODE missing"}
@@ -254,8 +255,8 @@ async def test_env_wiped_by_full_template_update_is_restored_foreign_survives(
     assert has_event(crds, namespace, "orch", "DriftDetected")
     repaired = has_event(crds, namespace, "orch", "DriftRepaired")
     assert repaired and "MODE" in repaired[0]["message"]
-    assert "prod" not in json.dumps(events(crds, namespace, "orch"))  # names, never values
-    assert "prod" not in controller.log_text()
+    assert MODE_VALUE not in json.dumps(events(crds, namespace, "orch"))  # names, not values
+    assert MODE_VALUE not in controller.log_text()
 
 
 async def test_dropped_invoker_is_restored_foreign_member_and_other_role_survive(
@@ -398,7 +399,7 @@ def test_abandon_leaves_the_service_as_it_is(
     wait_condition(crds, namespace, "orch", "True")
     crds.kubectl("delete", "orchestrator", "orch", "-n", namespace, "--timeout=60s")
     state = service_state(emulator, service)
-    assert state["env"]["MODE"] == "prod" and MEMBER in state["iam"]["roles/run.invoker"]
+    assert state["env"]["MODE"] == MODE_VALUE and MEMBER in state["iam"]["roles/run.invoker"]
 
 
 def test_service_not_found_then_found(
@@ -457,3 +458,63 @@ def test_kubectl_get_prints_the_contract_columns(
     assert row.split()[:7] == ["orch", service, REGION, "Enforce", "True", "Synced", "0"]
     wide = crds.kubectl("get", "orch", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
     assert wide.split()[-2:] == ["PROJECT", "REVISION"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
+    crds: ControlPlane,
+    namespace: str,
+    fresh_emulator: EmulatorProcess,
+    kubeconfig: str,
+    tmp_path: Any,
+) -> None:
+    import urllib.request
+
+    fresh_emulator.admin.put_service_account(SA)
+    fresh_emulator.admin.put_service(PROJECT, REGION, "steady", env={"FOREIGN": "x"})
+    port = _free_port()
+    with ControllerProcess(
+        kubeconfig=kubeconfig,
+        gcp_endpoint=fresh_emulator.grpc_endpoint,
+        namespaces=[namespace],
+        log_path=tmp_path / "c.log",
+        metrics_port=port,
+    ) as proc:
+        apply(crds, namespace, orchestrator("orch", "steady"))
+        obj = wait_condition(crds, namespace, "orch", "True")
+        fresh_emulator.admin.reset_calls()
+        seen = {obj["status"]["lastSyncTime"]}
+
+        def three_more_checks() -> bool:
+            seen.add(get(crds, namespace, "orch")["status"]["lastSyncTime"])
+            return len(seen) >= 4
+
+        wait_for(three_more_checks, 30, interval=0.5, message="three more checks")
+        calls = fresh_emulator.admin.calls()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        log = proc.log_lines()
+
+    assert set(calls) <= {f"{RUN}GetService", f"{RUN}GetIamPolicy"}, calls
+    assert calls[f"{RUN}GetService"] >= 3
+    assert abs(calls[f"{RUN}GetService"] - calls[f"{RUN}GetIamPolicy"]) <= 1, calls
+
+    assert 'runwarden_reconcile_total{result="synced"}' in text
+    assert 'runwarden_gcp_requests_total{code="OK",method="GetService"}' in text
+    assert 'runwarden_gcp_requests_total{code="OK",method="UpdateService"} 1.0' in text
+    assert 'runwarden_orchestrators{ready="True"} 1.0' in text
+    assert "runwarden_reconcile_duration_seconds_bucket" in text
+
+    # Structured logs: kopf's lines carry k8s_ref and never kopf's settings; no env value.
+    assert all("settings" not in line for line in log)
+    assert any(
+        line.get("event") == "check" and line.get("k8s_ref", {}).get("name") == "orch"
+        for line in log
+    )
+    assert MODE_VALUE not in json.dumps(log)

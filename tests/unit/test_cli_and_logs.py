@@ -1,0 +1,102 @@
+"""CLI -> Settings, and the log bridge (kopf's records as JSON with k8s_ref, no settings dump)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from controller import logs
+from controller.settings import Settings
+
+
+def test_cli_flags() -> None:
+    s = Settings.from_cli(
+        [
+            "--namespace",
+            "a",
+            "-n",
+            "b",
+            "--standalone",
+            "--gcp-endpoint",
+            "127.0.0.1:1",
+            "--metrics-port",
+            "9090",
+            "--liveness",
+            "http://0.0.0.0:8080/healthz",
+            "--log-format",
+            "console",
+        ],
+        {},
+    )
+    assert s.namespaces == ("a", "b") and not s.all_namespaces
+    assert s.standalone and s.gcp_endpoint == "127.0.0.1:1" and s.metrics_port == 9090
+    assert s.liveness == "http://0.0.0.0:8080/healthz" and s.log_format == "console"
+    assert s.resync_override is None
+
+
+def test_environment_fallbacks() -> None:
+    s = Settings.from_cli(
+        ["--all-namespaces"],
+        {"RUNWARDEN_GCP_ENDPOINT": "127.0.0.1:2", "RUNWARDEN_RESYNC_SECONDS": "2.5"},
+    )
+    assert s.all_namespaces and s.gcp_endpoint == "127.0.0.1:2" and s.resync_override == 2.5
+    assert Settings.from_cli([], {}).all_namespaces
+    flag_wins = Settings.from_cli(["--gcp-endpoint", "h:1"], {"RUNWARDEN_GCP_ENDPOINT": "h:2"})
+    assert flag_wins.gcp_endpoint == "h:1"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--namespace", "a", "--all-namespaces"], ["--log-format", "xml"]]
+)
+def test_bad_flags_exit_with_usage(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_cli(argv, {})
+
+
+def test_bad_resync_env_exits() -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_cli([], {"RUNWARDEN_RESYNC_SECONDS": "soon"})
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_kopf_records_become_json_with_k8s_ref_and_no_settings(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.configure("json")
+    ref = {
+        "apiVersion": "runwarden.dev/v1alpha1",
+        "kind": "Orchestrator",
+        "namespace": "ns",
+        "name": "orch",
+        "uid": "u-1",
+    }
+    logging.getLogger("kopf.objects").warning(
+        "Handler 'x' failed", extra={"k8s_ref": ref, "settings": object(), "k8s_skip": False}
+    )
+    logs.get("runwarden.test").info("drift_repaired", aspect="env", names=["A"])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    kopf_line, own_line = lines
+    assert kopf_line["event"] == "Handler 'x' failed"
+    assert kopf_line["k8s_ref"] == {"namespace": "ns", "name": "orch", "uid": "u-1"}
+    assert kopf_line["level"] == "warning" and kopf_line["logger"] == "kopf.objects"
+    assert "settings" not in kopf_line and "k8s_skip" not in kopf_line
+    assert own_line["event"] == "drift_repaired" and own_line["names"] == ["A"]
+
+
+def test_kopf_object_info_lines_are_quiet(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    logs.configure("json")
+    logging.getLogger("kopf.objects").info("Timer 'drift-loop' succeeded.")
+    assert capsys.readouterr().err == ""

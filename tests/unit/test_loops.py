@@ -1,0 +1,109 @@
+"""Drift loops: backoff schedule, wake-ups by object and by service."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import pytest
+
+from controller.loops import Registry, first_delay, next_delay
+from controller.model import Failure, Retry, ServiceRef
+
+REF = ServiceRef("my-project", "us-west2", "svc")
+
+
+def failure(retry: Retry) -> Failure:
+    return Failure("X", "x", retry)
+
+
+def test_healthy_resync_is_jittered_around_the_period() -> None:
+    rng = random.Random(1)
+    delays = [next_delay(60, None, 0, rng) for _ in range(200)]
+    assert all(54 <= d <= 66 for d in delays)
+    assert len({round(d, 3) for d in delays}) > 100
+    assert all(30 <= first_delay(60, rng) <= 60 for _ in range(100))
+
+
+def test_transient_backoff_grows_capped_by_resync() -> None:
+    rng = random.Random(2)
+    highs = [next_delay(60, failure(Retry.TRANSIENT), n, rng) for n in range(1, 12)]
+    assert highs[0] <= 1.0
+    assert max(highs) <= 60
+    assert highs[-1] >= 30  # reached the cap (jitter 0.5..1)
+    assert all(next_delay(2, failure(Retry.TRANSIENT), n, rng) <= 2 for n in range(1, 10))
+
+
+def test_quota_backs_off_harder_and_beyond_resync() -> None:
+    rng = random.Random(3)
+    assert next_delay(2, failure(Retry.QUOTA), 1, rng) >= 2.5
+    assert next_delay(2, failure(Retry.QUOTA), 20, rng) >= 150
+
+
+def test_spec_errors_wait_for_a_spec_change() -> None:
+    assert math.isinf(next_delay(60, failure(Retry.SPEC_CHANGE), 1))
+
+
+def test_resync_failures_keep_the_period() -> None:
+    assert 54 <= next_delay(60, failure(Retry.RESYNC), 9) <= 66
+
+
+async def test_wake_by_service_and_object() -> None:
+    registry = Registry()
+    a = registry.loop("ns", "a")
+    b = registry.loop("ns", "b")
+    a.ref = REF
+    b.ref = ServiceRef("my-project", "us-west2", "other")
+    loop = asyncio.get_running_loop()
+    a.due = b.due = loop.time() + 3600
+    never = asyncio.Event()
+
+    async def stop(delay: float) -> None:
+        try:
+            await asyncio.wait_for(never.wait(), delay)
+        except TimeoutError:
+            pass
+
+    waiting = asyncio.create_task(a.wait(stop))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    assert registry.wake_service(REF, reason="audit") == 1
+    assert await asyncio.wait_for(waiting, 1) == ("audit",)
+    assert registry.wake_object("ns", "b", reason="spec-update")
+    assert await asyncio.wait_for(b.wait(stop), 1) == ("spec-update",)
+    assert registry.wake_service(ServiceRef("x-project", "us-west2", "none")) == 0
+    assert not registry.wake_object("ns", "nope")
+
+
+async def test_due_check_runs_without_wake_and_stop_ends_the_wait() -> None:
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    loop_.due = asyncio.get_running_loop().time() + 0.05
+
+    async def no_stop(delay: float) -> None:
+        await asyncio.sleep(delay)
+
+    assert await asyncio.wait_for(loop_.wait(no_stop), 2) == ("resync",)
+
+    loop_.due = asyncio.get_running_loop().time() + 3600
+
+    async def stop_now(delay: float) -> None:
+        return None
+
+    assert await asyncio.wait_for(loop_.wait(stop_now), 2) == ()
+
+
+async def test_forget_wakes_and_marks_deleted() -> None:
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    loop_.due = asyncio.get_running_loop().time() + 3600
+    registry.forget("ns", "a")
+    assert loop_.deleted
+    assert registry.get("ns", "a") is None
+    assert registry.loop("ns", "a") is not loop_
+
+
+@pytest.mark.parametrize("retry", list(Retry))
+def test_every_retry_kind_gives_a_positive_delay(retry: Retry) -> None:
+    assert next_delay(5, failure(retry), 1) > 0
