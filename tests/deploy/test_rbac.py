@@ -215,9 +215,13 @@ def _http_get(url: str) -> tuple[int, str]:
 
 @pytest.mark.e2e
 def test_controller_reconciles_to_ready_as_the_service_account(
-    installed, namespace, emulator, unique_name, tmp_path
+    installed, namespace, fresh_emulator, unique_name, tmp_path
 ):
-    """The Deployment's flags and the ServiceAccount's token: RBAC proven sufficient, not small."""
+    """The Deployment's flags and the ServiceAccount's token: RBAC proven sufficient, not small.
+
+    An emulator of its own: watching all namespaces, the controller also meets the Orchestrators
+    that earlier tests left behind, and must not touch services other tests use."""
+    emulator = fresh_emulator
     project, region, service = "nba-props-platform", "us-west2", unique_name("rbac")
     pusher = "756957797294-compute@developer.gserviceaccount.com"
     emulator.admin.put_service_account(pusher)
@@ -297,7 +301,7 @@ def test_controller_reconciles_to_ready_as_the_service_account(
             )
             return done.returncode != 0 and "NotFound" in done.stderr
 
-        wait_for(gone, timeout=120, message="the Orchestrator deleted (finalizer released)")
+        wait_for(gone, timeout=60, message="the Orchestrator deleted (finalizer released)")
     finally:
         controller.stop()
     # No RBAC refusal anywhere in the run (other refusals, e.g. Events in a namespace that is
