@@ -173,6 +173,15 @@ def test_entrypoint_is_python_m_controller(dockerfile):
     )
 
 
+def test_default_cmd_is_what_the_deployment_runs(dockerfile):
+    """`docker run IMAGE` without arguments behaves like the Deployment."""
+    _, stages = dockerfile
+    [cmd] = stages[-1].all("CMD")
+    deployment = yaml.safe_load((REPO / "manifests" / "deployment.yaml").read_text())
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert yaml.safe_load(cmd.args) == args
+
+
 def _ignored(path: str, patterns: list[str]) -> bool:
     """.dockerignore semantics, simplified: the last matching pattern wins, ! re-includes."""
     ignored = False
