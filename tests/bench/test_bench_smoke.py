@@ -1,0 +1,61 @@
+"""A smoke run of the benchmark harness (issue 7): every scenario with N=3, real components.
+
+`make bench` is never part of `make test`; this only proves the harness still works end to end
+(and the API economy it measures exactly still holds) so the benchmark does not rot unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.report import tables
+from bench.scenarios import Config
+from bench.suite import run
+from tests.fixtures.k8s import ControlPlane
+
+pytestmark = pytest.mark.e2e
+
+SMOKE = Config(
+    economy_n=3,
+    overhead_n=3,
+    overhead_seconds=2,
+    scales=(3,),
+    scale_resync=2,
+    steady_seconds=1,
+    quota_n=3,
+    quota_rpm=600,
+    quota_seconds=3,
+    quota_warmup=1,
+    ready_timeout=60,
+)
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke(crds: ControlPlane, tmp_path: Path) -> None:
+    results = run(SMOKE, tmp_path / "results", tmp_path / "work", plane=crds, audit=False,
+                  command="pytest tests/bench", say=lambda _: None)  # fmt: skip
+
+    assert results.errors == []
+    # API economy is exact (counted by the emulator), so the smoke run can hold it to its goal.
+    assert results.economy is not None
+    assert {r.scenario: r.ok for r in results.economy.rows} == {
+        "steady": True,
+        "env": True,
+        "invokers": True,
+        "settings": True,
+        "env+invokers": True,
+    }, tables(results)
+    assert results.overhead is not None
+    assert results.overhead.checks > 0 and results.overhead.bare_checks == results.overhead.checks
+    assert results.overhead.bare_calls_per_check == 2
+    [scale] = results.scales
+    assert scale.n == 3 and 0 < scale.ready_seconds < scale.repair_seconds + 60
+    assert scale.ready_series[-1][1] == 3 and scale.repaired_series[-1][1] == 3
+    assert scale.peak_rss_mb > 0
+    assert results.quota is not None and results.quota.samples
+
+    text = (tmp_path / "results" / "latest.md").read_text()
+    for heading in ("API economy", "Overhead", "Scale", "Quota pacing", "issue 8"):
+        assert heading in text
