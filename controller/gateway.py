@@ -212,7 +212,9 @@ class Gateway:
             )
             _tune_polling(operation)
             try:
-                result = await operation.result(timeout=self._rollout_timeout)
+                result = await operation.result(  # type: ignore[no-untyped-call]
+                    timeout=self._rollout_timeout
+                )
             except gexc.GoogleAPICallError as exc:
                 if exc.grpc_status_code is not None:
                     raise  # the polling itself failed: translated below
@@ -316,13 +318,13 @@ class Gateway:
 
 def _code(exc: gexc.GoogleAPICallError) -> str:
     code = exc.grpc_status_code
-    return code.name if code is not None else type(exc).__name__
+    return str(code.name) if code is not None else type(exc).__name__
 
 
 def _code_name(number: int) -> str:
     for code in grpc.StatusCode:
         if code.value[0] == number:
-            return code.name
+            return str(code.name)
     return str(number)
 
 

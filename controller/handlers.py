@@ -33,7 +33,7 @@ from controller.clients import Clients, make_clients
 from controller.fight import FightPolicy
 from controller.gateway import Gateway, GatewayError
 from controller.loops import REGISTRY, DriftLoop, next_delay
-from controller.model import Desired, Failure, Mode, Retry, StatusUpdate
+from controller.model import DeletionPolicy, Desired, Failure, Mode, Retry, StatusUpdate
 from controller.settings import Settings
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
@@ -113,9 +113,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def spec_changed(namespace: str, name: str, reason: str, **_: Any) -> None:
+async def spec_changed(namespace: str | None, name: str, reason: str, **_: Any) -> None:
     """Check this Orchestrator at once (the drift loop picks up the new spec)."""
-    REGISTRY.loop(namespace, name).wake(f"spec-{reason}")
+    REGISTRY.loop(namespace or "", name).wake(f"spec-{reason}")
 
 
 # ---------------------------------------------------------------------- the drift loop
@@ -125,14 +125,14 @@ async def spec_changed(namespace: str, name: str, reason: str, **_: Any) -> None
 async def drift_loop(
     body: kopf.Body,
     patch: kopf.Patch,
-    namespace: str,
+    namespace: str | None,
     name: str,
-    stopped: kopf.DaemonStopped,
-    memo: kopf.Memo,
-    **_: Any,
+    memo: Any,
+    **kwargs: Any,
 ) -> None:
     """One check of one Orchestrator, once it is woken or due (see the module docstring)."""
-    loop = REGISTRY.loop(namespace, name)
+    stopped: kopf.DaemonStopped = kwargs["stopped"]
+    loop = REGISTRY.loop(namespace or "", name)
     reasons = await loop.wait(stopped.wait)
     if not reasons or stopped or loop.deleted:
         return
@@ -145,7 +145,7 @@ async def drift_loop(
 
 
 async def _check(
-    loop: DriftLoop, body: kopf.Body, memo: kopf.Memo, reasons: tuple[str, ...]
+    loop: DriftLoop, body: kopf.Body, memo: Any, reasons: tuple[str, ...]
 ) -> dict[str, Any]:
     config: Settings = memo.config
     gateway: Gateway = memo.gateway
@@ -235,14 +235,15 @@ def _result(update: StatusUpdate, desired: Desired | None) -> str:
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def deleted(
     body: kopf.Body,
-    namespace: str,
+    namespace: str | None,
     name: str,
-    memo: kopf.Memo,
+    memo: Any,
     retry: int,
     **_: Any,
 ) -> None:
     """Deletion policy: Abandon leaves GCP as it is; Revoke removes what this Orchestrator owns
     (status.managed) before the finalizer goes."""
+    namespace = namespace or ""
     loop = REGISTRY.loop(namespace, name)
     ref_log = log.bind(k8s_ref={"namespace": namespace, "name": name})
     raw_spec: Mapping[str, Any] = copy.deepcopy(dict(body.get("spec") or {}))
@@ -250,7 +251,7 @@ async def deleted(
         history = loop.history(copy.deepcopy(dict(body.get("status") or {})))
         REGISTRY.forget(namespace, name)
         metrics.set_ready(namespace, name, None)
-        if spec.parse_deletion(raw_spec) is not spec.DeletionPolicy.REVOKE:
+        if spec.parse_deletion(raw_spec) is not DeletionPolicy.REVOKE:
             ref_log.info("deleted", deletion="Abandon")
             return
         try:

@@ -131,7 +131,7 @@ def next_delay(
         first, cap = resync, max(resync, SLOW_CAP)
     else:
         first, cap = TRANSIENT_BACKOFF[0], min(resync, TRANSIENT_BACKOFF[1])
-    base = min(cap, first * 2 ** max(0, attempt - 1))
+    base: float = min(cap, first * 2.0 ** max(0, attempt - 1))
     return max(0.05, base * uniform(0.5, 1.0))
 
 
