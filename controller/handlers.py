@@ -33,7 +33,15 @@ from controller.clients import Clients, make_clients
 from controller.fight import FightPolicy
 from controller.gateway import Gateway, GatewayError
 from controller.loops import REGISTRY, DriftLoop, next_delay
-from controller.model import DeletionPolicy, Desired, Failure, Mode, Retry, StatusUpdate
+from controller.model import (
+    DeletionPolicy,
+    Desired,
+    Failure,
+    Mode,
+    Reason,
+    Retry,
+    StatusUpdate,
+)
 from controller.settings import Settings
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
@@ -170,12 +178,17 @@ async def _check(
         hold = listener.begin_check(desired.ref, reasons) if listener is not None else None
         if hold is not None:
             desired = fight.observe_only(desired)  # a DriftFight hold: report, do not repair
-        update = await reconcile.reconcile(
-            gateway,
-            desired,
-            status.managed_of(history),
-            status.prior_of(history, generation),
-        )
+        try:
+            update = await reconcile.reconcile(
+                gateway,
+                desired,
+                status.managed_of(history),
+                status.prior_of(history, generation),
+            )
+        except Exception as exc:  # a bug must not stop the loop nor leave status stale
+            ref_log.exception("check_crashed", error=type(exc).__name__)
+            message = f"internal error ({type(exc).__name__}); see the controller log"
+            update = reconcile.failed(Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT), ())
         if listener is not None:
             update = listener.end_check(desired.ref, update, hold)
     elapsed = time.monotonic() - started

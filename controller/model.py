@@ -213,7 +213,8 @@ class Reason(enum.StrEnum):
     VERIFICATION_FAILED = "VerificationFailed"
     INVALID_SPEC = "InvalidSpec"
     PUBLIC_INVOKER_REFUSED = "PublicInvokerRefused"
-    CONFLICT = "Conflict"
+    CONFLICT = "Conflict"  # someone else wrote in between; retried shortly
+    INTERNAL_ERROR = "InternalError"  # a bug in Runwarden; retried with backoff
     PROGRESSING = "Progressing"
     DRIFT_FIGHT = "DriftFight"  # someone keeps undoing the spec; repairs held (fight.py)
 

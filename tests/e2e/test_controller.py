@@ -518,3 +518,31 @@ def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
         for line in log
     )
     assert MODE_VALUE not in json.dumps(log)
+
+
+def test_api_errors_become_conditions_and_recover(
+    crds: ControlPlane, namespace: str, fresh_emulator: EmulatorProcess, kubeconfig: str,
+    tmp_path: Any,
+) -> None:
+    admin = fresh_emulator.admin
+    admin.put_service_account(SA)
+    admin.put_service(PROJECT, REGION, "flaky", env={})
+    with ControllerProcess(kubeconfig=kubeconfig, gcp_endpoint=fresh_emulator.grpc_endpoint,
+                           namespaces=[namespace], log_path=tmp_path / "c.log") as proc:
+        apply(crds, namespace, orchestrator("orch", "flaky"))
+        wait_condition(crds, namespace, "orch", "True")
+
+        admin.set_faults(rate=1.0, codes=["PERMISSION_DENIED"], methods=["GetService"])
+        wait_condition(crds, namespace, "orch", "False", reason="PermissionDenied", timeout=30)
+
+        admin.set_faults(rate=1.0, codes=["UNAVAILABLE"], methods=["GetIamPolicy"])
+        obj = wait_condition(crds, namespace, "orch", "False", reason="Unavailable", timeout=40)
+        assert all(c["status"] == "False" for c in obj["status"]["conditions"])
+
+        admin.clear_faults()
+        admin.set_quota(reads_per_minute=6)
+        wait_condition(crds, namespace, "orch", "False", reason="QuotaExceeded", timeout=40)
+
+        admin.clear_quota()
+        wait_condition(crds, namespace, "orch", "True", timeout=60)
+        assert proc.running  # never a crash
