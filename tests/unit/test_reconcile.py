@@ -1,0 +1,99 @@
+"""The reconcile's decisions with a fake gateway: verification, partial failure, write budget."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from controller.gateway import Unavailable
+from controller.model import Aspect, EnvValue, Managed, Observed, Plan, ServiceRef
+from controller.plan import simulate
+from controller.reconcile import Prior, reconcile
+from controller.spec import parse
+
+REF = ServiceRef("my-project", "us-west2", "svc")
+SPEC = {
+    "service": {"project": REF.project, "region": REF.region, "name": REF.name},
+    "env": [{"name": "A", "value": "1"}],
+    "invokers": {"members": ["user:a@example.com"]},
+}
+
+
+class FakeGateway:
+    """Holds one service in memory; writes can be made to fail or to silently not stick."""
+
+    def __init__(self, *, sticky: bool = True, iam_error: Exception | None = None) -> None:
+        self.state = Observed(ref=REF, container="", env={}, settings={}, bindings={})
+        self.sticky = sticky
+        self.iam_error = iam_error
+        self.calls: list[str] = []
+
+    async def observe(self, ref: ServiceRef, container: str) -> Observed:
+        self.calls += ["GetService", "GetIamPolicy"]
+        return self.state
+
+    async def refresh_service(self, observed: Observed, container: str) -> Observed:
+        self.calls.append("GetService")
+        return replace(observed, env=self.state.env, settings=self.state.settings)
+
+    async def refresh_iam(self, observed: Observed) -> Observed:
+        self.calls.append("GetIamPolicy")
+        return replace(observed, bindings=self.state.bindings)
+
+    async def update_service(self, observed: Observed, plan: Plan) -> Observed:
+        self.calls.append("UpdateService")
+        if self.sticky:
+            self.state = simulate(
+                self.state, replace(plan, invokers_add=frozenset(), invokers_remove=frozenset())
+            )
+        return self.state
+
+    async def set_invokers(self, observed: Observed, role: str, add: Any, remove: Any) -> bytes:
+        self.calls.append("SetIamPolicy")
+        if self.iam_error is not None:
+            raise self.iam_error
+        p = Plan(role=role, invokers_add=add, invokers_remove=remove)
+        self.state = simulate(self.state, p)
+        return b"etag"
+
+    async def service_account_exists(self, email: str) -> bool:
+        return True
+
+
+async def test_write_that_does_not_stick_is_verification_failed() -> None:
+    gw = FakeGateway(sticky=False)
+    update = await reconcile(gw, parse(SPEC), Managed(), Prior())  # type: ignore[arg-type]
+    assert update.aspects[Aspect.ENV].reason == "VerificationFailed"
+    assert update.aspects[Aspect.INVOKERS].status  # that one did stick
+    assert not update.ready.status and update.ready.reason == "VerificationFailed"
+    assert "VerificationFailed" in [e.reason for e in update.events]
+    assert gw.calls.count("UpdateService") == 1 and gw.calls.count("SetIamPolicy") == 1
+
+
+async def test_iam_failure_keeps_env_repair_and_owned_names() -> None:
+    gw = FakeGateway(iam_error=Unavailable("IAM policy of service x unavailable"))
+    gw.state = replace(gw.state, bindings={"roles/run.invoker": frozenset({"user:old@x.com"})})
+    owned = Managed(invokers=frozenset({"user:old@x.com"}))
+    update = await reconcile(gw, parse(SPEC), owned, Prior())  # type: ignore[arg-type]
+    assert update.aspects[Aspect.ENV].status
+    assert update.aspects[Aspect.INVOKERS].reason == "Unavailable"
+    assert update.ready.reason == "Unavailable"
+    assert gw.state.env == {"A": EnvValue.literal("1")}
+    # The member that was to be pruned is still owned, so the next check still prunes it.
+    assert update.managed is not None
+    assert "user:old@x.com" in update.managed.invokers
+    assert [e.reason for e in update.events] == ["UpdateFailed"]
+    assert update.failure is not None and update.failure.reason == "Unavailable"
+
+
+async def test_spec_change_is_synced_not_drift_and_drift_is_counted() -> None:
+    gw = FakeGateway()
+    first = await reconcile(gw, parse(SPEC), Managed(), Prior())  # type: ignore[arg-type]
+    assert first.ready.reason == "Synced" and not first.drift.repaired
+    assert [e.reason for e in first.events] == ["Synced"]
+    gw.state = replace(gw.state, env={})  # someone wipes it
+    prior = Prior(synced=frozenset(Aspect), ready=True)
+    second = await reconcile(gw, parse(SPEC), first.managed or Managed(), prior)  # type: ignore[arg-type]
+    assert second.ready.reason == "DriftRepaired"
+    assert second.drift.repaired and second.drift.aspects == {Aspect.ENV}
+    assert second.drift.detected == ("env A missing",)
