@@ -281,7 +281,7 @@ class AuditListener:
             log.exception("audit_entry_failed")
 
     async def _run(self) -> None:
-        from google.cloud import pubsub_v1
+        from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 
         attempt = 0
         while not self._stopping.is_set():
@@ -339,7 +339,7 @@ def resolve_own_principal(explicit: str | None, gcp_endpoint: str | None) -> str
         import google.auth
         import google.auth.transport.requests
 
-        credentials, _ = google.auth.default()  # type: ignore[no-untyped-call]
+        credentials, _ = google.auth.default()
         email = getattr(credentials, "service_account_email", None)
         if not email or email == "default":  # GCE / Workload Identity: known after a refresh
             credentials.refresh(google.auth.transport.requests.Request())  # type: ignore[no-untyped-call]
