@@ -1,0 +1,495 @@
+"""The reliability suite's harness: targets, the invariant checker, the canary collector, call
+sampling and the figures table. The fixtures that hand these to the scenarios are in conftest.py.
+
+Counts are small by default so the suite fits in `make test`; RUNWARDEN_SOAK=1 (`make soak`)
+selects the big ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudrun_emulator.admin import AdminClient
+from tests.fixtures.k8s import ControlPlane
+from tests.fixtures.wait import wait_for
+
+SOAK = os.environ.get("RUNWARDEN_SOAK") == "1"
+
+PROJECT = "runwarden-rel"
+REGION = "us-west2"
+ROLE = "roles/run.invoker"
+OTHER_ROLE = "roles/run.developer"
+RUN = "google.cloud.run.v2.Services/"
+IAM = "google.iam.admin.v1.IAM/"
+WRITE_METHODS = tuple(
+    f"{RUN}{m}" for m in ("CreateService", "UpdateService", "DeleteService", "SetIamPolicy")
+)
+
+
+def scaled(in_suite: int, soak: int) -> int:
+    """``soak`` under RUNWARDEN_SOAK=1, else ``in_suite``."""
+    return soak if SOAK else in_suite
+
+
+def sa_email(name: str) -> str:
+    return f"{name}@{PROJECT}.iam.gserviceaccount.com"
+
+
+def writes(calls: Mapping[str, int]) -> int:
+    """Write calls (refused ones included) in an emulator call counter."""
+    return sum(n for method, n in calls.items() if method in WRITE_METHODS)
+
+
+def reads(calls: Mapping[str, int]) -> int:
+    return sum(n for method, n in calls.items() if method not in WRITE_METHODS)
+
+
+def delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
+    return {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in set(after) | set(before)
+        if after.get(k, 0) != before.get(k, 0)
+    }
+
+
+# ---------------------------------------------------------------------- canaries
+
+
+class CanaryCollector:
+    """Distinctive env values, and a scan of logs, Events and statuses for them.
+
+    Every canary value starts with one random mark, so the scan looks for the mark: a value that
+    leaks in part (truncated, quoted, escaped) is still found.
+    """
+
+    def __init__(self) -> None:
+        self.mark = f"CANARY{secrets.token_hex(4).upper()}"
+        self.logs: list[Path] = []
+        self.namespaces: list[str] = []
+        self.issued = 0
+        self._test_logs: list[Path] = []
+        self._test_namespaces: list[str] = []
+
+    def value(self, label: str) -> str:
+        """A fresh canary value (never logged, never in an Event or a status, if all is well)."""
+        self.issued += 1
+        return f"{self.mark}-{label}-{secrets.token_hex(4)}"
+
+    def watch_log(self, path: Path) -> None:
+        if path not in self.logs:
+            self.logs.append(path)
+            self._test_logs.append(path)
+
+    def watch_namespace(self, namespace: str) -> None:
+        if namespace not in self.namespaces:
+            self.namespaces.append(namespace)
+            self._test_namespaces.append(namespace)
+
+    def begin_test(self) -> None:
+        self._test_logs, self._test_namespaces = [], []
+
+    def scan_test(self, plane: ControlPlane) -> Scan:
+        """Scan what the current test registered."""
+        return self.scan(plane, self._test_logs, self._test_namespaces)
+
+    def scan_all(self, plane: ControlPlane) -> Scan:
+        return self.scan(plane, self.logs, self.namespaces)
+
+    def scan(self, plane: ControlPlane, logs: Iterable[Path], namespaces: Iterable[str]) -> Scan:
+        result = Scan(self.mark)
+        for path in logs:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            for number, line in enumerate(text.splitlines(), 1):
+                result.look(f"{path.name}:{number}", line, "log lines")
+        for ns in namespaces:
+            events = plane.kubectl("get", "events", "-n", ns, "-o", "json", timeout=60)
+            for item in json.loads(events.stdout)["items"]:
+                result.look(f"Event {ns}/{item['metadata']['name']}", json.dumps(item), "events")
+            orchs = plane.kubectl("get", "orchestrators", "-n", ns, "-o", "json", timeout=60)
+            for item in json.loads(orchs.stdout)["items"]:
+                where = f"Orchestrator {ns}/{item['metadata']['name']} status"
+                result.look(where, json.dumps(item.get("status") or {}), "statuses")
+        return result
+
+
+@dataclass
+class Scan:
+    mark: str
+    counts: Counter[str] = field(default_factory=Counter)
+    hits: list[str] = field(default_factory=list)
+
+    def look(self, where: str, text: str, kind: str) -> None:
+        self.counts[kind] += 1
+        if self.mark in text:
+            self.hits.append(where)
+
+    def summary(self) -> str:
+        parts = [f"{self.counts[k]} {k}" for k in ("log lines", "events", "statuses")]
+        return f"{', '.join(parts)} scanned, {len(self.hits)} hit(s)"
+
+
+# ---------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """One Orchestrator and its Cloud Run service, with what each party put there.
+
+    After convergence the service must hold exactly: the declared variables (at their values)
+    and the foreign ones (at theirs), the declared and the foreign members of ``role`` — each
+    once — and ``other_roles`` exactly as deployed. ``gone_*`` must be absent (pruned by the
+    controller, or removed by their owner).
+    """
+
+    name: str
+    service: str
+    env: dict[str, str]
+    members: set[str]
+    foreign_env: dict[str, str]
+    foreign_members: set[str]
+    other_roles: dict[str, list[str]]
+    role: str = ROLE
+    gone_env: set[str] = field(default_factory=set)
+    gone_members: set[str] = field(default_factory=set)
+    policy: dict[str, Any] = field(default_factory=dict)
+    service_accounts: set[str] = field(default_factory=set)
+
+    def body(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "service": {"project": PROJECT, "region": REGION, "name": self.service},
+            "env": [{"name": k, "value": v} for k, v in sorted(self.env.items())],
+            "invokers": {"role": self.role, "members": sorted(self.members)},
+        }
+        if self.policy:
+            spec["policy"] = dict(self.policy)
+        return {
+            "apiVersion": "runwarden.dev/v1alpha1",
+            "kind": "Orchestrator",
+            "metadata": {"name": self.name},
+            "spec": spec,
+        }
+
+    def declare_env(self, name: str, value: str) -> None:
+        self.env[name] = value
+        self.gone_env.discard(name)
+
+    def undeclare_env(self, name: str) -> None:
+        self.env.pop(name, None)
+        self.gone_env.add(name)
+
+    def declare_member(self, member: str) -> None:
+        self.members.add(member)
+        self.gone_members.discard(member)
+
+    def undeclare_member(self, member: str) -> None:
+        self.members.discard(member)
+        self.gone_members.add(member)
+
+
+def make_target(canary: CanaryCollector, name: str, service: str | None = None) -> Target:
+    """A target with two declared variables and members, and someone else's variable, member
+    and other role already on the service."""
+    sa = sa_email(f"{name}-inv")
+    return Target(
+        name=name,
+        service=service or name,
+        env={
+            f"{_upper(name)}_A": canary.value(f"{name}-a"),
+            f"{_upper(name)}_B": canary.value(f"{name}-b"),
+        },
+        members={f"serviceAccount:{sa}", f"group:{name}-team@example.com"},
+        foreign_env={"FOREIGN_TOKEN": canary.value(f"{name}-foreign")},
+        foreign_members={f"user:{name}-human@example.com"},
+        other_roles={OTHER_ROLE: [f"user:{name}-dev@example.com", "group:ops@example.com"]},
+        service_accounts={sa},
+    )
+
+
+def _upper(name: str) -> str:
+    return name.upper().replace("-", "_")
+
+
+def deploy(admin: AdminClient, target: Target) -> None:
+    """Someone else's deploy: the service with its foreign variable, member and other role."""
+    for email in target.service_accounts:
+        admin.put_service_account(email)
+    admin.put_service(
+        PROJECT,
+        REGION,
+        target.service,
+        env=dict(target.foreign_env),
+        invokers={target.role: sorted(target.foreign_members), **target.other_roles},
+    )
+
+
+def state(admin: AdminClient, target: Target) -> dict[str, Any]:
+    return admin.get_service(PROJECT, REGION, target.service)
+
+
+def apply(plane: ControlPlane, namespace: str, targets: Sequence[Target]) -> None:
+    """kubectl apply of the targets' Orchestrators, in one call."""
+    doc = {"apiVersion": "v1", "kind": "List", "items": [t.body() for t in targets]}
+    plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+
+def knock_out(admin: AdminClient, target: Target, canary: CanaryCollector, round_: int) -> None:
+    """Out-of-band drift, as a careless deploy: one declared variable and one declared member
+    gone, and the deployer's own variable changed and one added (others' things are theirs)."""
+    current = state(admin, target)
+    lost_var = sorted(target.env)[round_ % len(target.env)]
+    lost_member = sorted(target.members)[round_ % len(target.members)]
+    target.foreign_env["FOREIGN_TOKEN"] = canary.value(f"{target.name}-foreign-{round_}")
+    target.foreign_env[f"FOREIGN_R{round_}"] = canary.value(f"{target.name}-r{round_}")
+    env = {k: v for k, v in current["env"].items() if k != lost_var}
+    env.update(target.foreign_env)
+    members = [m for m in current["iam"].get(target.role, []) if m != lost_member]
+    admin.put_service(PROJECT, REGION, target.service, env=env, invokers={target.role: members})
+
+
+# ---------------------------------------------------------------------- the invariant checker
+
+
+def violations(svc: Mapping[str, Any], t: Target, *, declared: bool = True) -> list[str]:
+    """Every way the service breaks the invariants; names only, never values.
+
+    - every declared variable and member is present (unless ``declared=False``: a scenario where
+      the spec cannot be applied) and every foreign one is still there, variables at their value;
+    - nothing else is there: no pruned or removed variable or member came back;
+    - no member is listed twice in any role;
+    - other roles are exactly as deployed.
+    """
+    out: list[str] = []
+    env: dict[str, str] = svc.get("env", {})
+    iam: dict[str, list[str]] = svc.get("iam", {})
+    members = iam.get(t.role, [])
+    wanted_env = {**t.foreign_env, **(t.env if declared else {})}
+    for name, value in wanted_env.items():
+        if name not in env:
+            out.append(f"{t.service}: env {name} missing")
+        elif env[name] != value:
+            out.append(f"{t.service}: env {name} has another value")
+    wanted_members = t.foreign_members | (t.members if declared else set())
+    out += [f"{t.service}: member {m} missing" for m in sorted(wanted_members - set(members))]
+    known_env = set(t.foreign_env) | set(t.env)
+    out += [f"{t.service}: env {n} present, nobody wants it" for n in sorted(set(env) - known_env)]
+    known_members = t.foreign_members | t.members
+    out += [
+        f"{t.service}: member {m} present, nobody wants it"
+        for m in sorted(set(members) - known_members)
+    ]
+    out += [f"{t.service}: env {n} should be gone" for n in sorted(t.gone_env & set(env))]
+    out += [
+        f"{t.service}: member {m} should be gone" for m in sorted(t.gone_members & set(members))
+    ]
+    for role, listed in iam.items():
+        dups = sorted(m for m, n in Counter(listed).items() if n > 1)
+        out += [f"{t.service}: {role} lists {m} more than once" for m in dups]
+    for role in sorted(set(iam) - {t.role} | set(t.other_roles)):
+        if sorted(iam.get(role, [])) != sorted(t.other_roles.get(role, [])):
+            out.append(f"{t.service}: other role {role} changed")
+    return out
+
+
+def condition(obj: Mapping[str, Any] | None, kind: str = "Ready") -> dict[str, Any]:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind:
+            return dict(c)
+    return {}
+
+
+def in_sync(obj: Mapping[str, Any] | None, since: str = "") -> bool:
+    """Ready=True, computed for the current generation, by a check completed at ``since`` or
+    later (an RFC 3339 UTC second, as status writes them)."""
+    if not obj:
+        return False
+    st = obj.get("status") or {}
+    gen = obj["metadata"]["generation"]
+    ready = condition(obj)
+    return (
+        ready.get("status") == "True"
+        and st.get("observedGeneration") == gen
+        and ready.get("observedGeneration") == gen
+        and str(st.get("lastSyncTime") or "") >= since
+    )
+
+
+def utc_stamp(t: float | None = None, *, round_up: bool = False) -> str:
+    """RFC 3339 UTC at second resolution (rounded up if asked: "at or after t")."""
+    t = time.time() if t is None else t
+    whole = int(t) + (1 if round_up and t != int(t) else 0)
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(whole))
+
+
+def orchestrators(plane: ControlPlane, namespace: str) -> dict[str, dict[str, Any]]:
+    out = plane.kubectl("get", "orchestrators", "-n", namespace, "-o", "json", timeout=30)
+    return {o["metadata"]["name"]: o for o in json.loads(out.stdout)["items"]}
+
+
+def events(plane: ControlPlane, namespace: str) -> list[dict[str, Any]]:
+    out = plane.kubectl("get", "events", "-n", namespace, "-o", "json", timeout=30)
+    return list(json.loads(out.stdout)["items"])
+
+
+def event_counts(items: Iterable[Mapping[str, Any]]) -> Counter[str]:
+    """Events by reason, each counted ``count`` times (the apiserver may aggregate)."""
+    counts: Counter[str] = Counter()
+    for e in items:
+        counts[str(e.get("reason"))] += int(e.get("count") or 1)
+    return counts
+
+
+def wait_converged(
+    plane: ControlPlane,
+    namespace: str,
+    admin: AdminClient,
+    targets: Sequence[Target],
+    timeout: float,
+    *,
+    since: str = "",
+    together: bool = True,
+    declared: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Wait until every service holds the invariants and every Orchestrator is in sync.
+
+    ``together``: all Orchestrators Ready at one moment. Under injected faults a check may fail
+    at any time, so ``together=False`` accepts each one having been in sync at some poll (after
+    ``since``) while the services hold the invariants at the last one.
+    Returns the Orchestrators as last seen.
+    """
+    seen: set[str] = set()
+    last: dict[str, Any] = {"violations": ["never checked"], "waiting": []}
+
+    def converged() -> dict[str, dict[str, Any]] | None:
+        objs = orchestrators(plane, namespace)
+        now = {t.name for t in targets if in_sync(objs.get(t.name), since)}
+        seen.update(now)
+        bad = [v for t in targets for v in violations(state(admin, t), t, declared=declared)]
+        ok = now if together else seen
+        last["violations"] = bad
+        last["waiting"] = [
+            f"{t.name}: {condition(objs.get(t.name)).get('reason')}"
+            for t in targets
+            if t.name not in ok
+        ]
+        return objs if not bad and not last["waiting"] else None
+
+    try:
+        return wait_for(converged, timeout, interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"not converged within {timeout:g}s; violations: {last['violations'][:20]}; "
+            f"not in sync: {last['waiting']}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------- counters over time
+
+
+class CallSampler:
+    """Polls the emulator's call counters in a thread, to see when calls happened."""
+
+    def __init__(self, admin: AdminClient, interval: float = 0.2) -> None:
+        self.admin = admin
+        self.interval = interval
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self.admin.calls()))
+            except OSError:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> CallSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def series(self, value: Callable[[Mapping[str, int]], int]) -> list[tuple[float, int]]:
+        return [(t, value(calls)) for t, calls in self.samples]
+
+    def increments(self, value: Callable[[Mapping[str, int]], int]) -> list[float]:
+        """The times (sample times, monotonic) at which ``value`` went up, once per unit."""
+        times: list[float] = []
+        previous: int | None = None
+        for t, v in self.series(value):
+            if previous is not None and v > previous:
+                times += [t] * (v - previous)
+            previous = v
+        return times
+
+
+def gaps(times: Sequence[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+# ---------------------------------------------------------------------- controller metrics
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The controller's Prometheus metrics: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric_sum(
+    metrics: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in metrics.items() if n == name and want <= set(ls))
+
+
+# ---------------------------------------------------------------------- the figures table
+
+
+@dataclass
+class Row:
+    scenario: str
+    counts: str
+    figures: str
+    outcome: str = "not run"
+
+
+class Figures:
+    """Rows of the reliability table, one per test that records one."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+
+    def record(self, nodeid: str, scenario: str, counts: str, figures: str) -> None:
+        self.rows[nodeid] = Row(scenario, counts, figures)
+
+    def outcome(self, nodeid: str, outcome: str) -> None:
+        if nodeid in self.rows:
+            self.rows[nodeid].outcome = outcome
+
+    def markdown(self) -> str:
+        lines = ["| Scenario | Counts | Result | Figures |", "|---|---|---|---|"]
+        lines += [
+            f"| {r.scenario} | {r.counts} | {r.outcome} | {r.figures} |" for r in self.rows.values()
+        ]
+        return "\n".join(lines)
