@@ -90,9 +90,16 @@ def assert_stopped(demo_dir: Path) -> None:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
 
 
+def audit_choice() -> str:
+    """CI (RUNWARDEN_REQUIRE_PUBSUB_EMULATOR=1) requires the audit-log feed; else whatever works."""
+    return "1" if os.environ.get("RUNWARDEN_REQUIRE_PUBSUB_EMULATOR") == "1" else "auto"
+
+
+@pytest.mark.parametrize("drift_source", ["audit-feed", "polling"])
 def test_demo_without_a_terminal_shows_both_repairs_and_tears_down(
-    demo_env: dict[str, str],
+    demo_env: dict[str, str], drift_source: str
 ) -> None:
+    demo_env["DEMO_AUDIT"] = audit_choice() if drift_source == "audit-feed" else "0"
     done = subprocess.run(
         [str(DEMO)],
         cwd=REPO,
@@ -107,6 +114,11 @@ def test_demo_without_a_terminal_shows_both_repairs_and_tears_down(
     out = done.stdout
     assert done.returncode == 0, out
     assert "\033[" not in out, "no colours when stdout is not a terminal"
+    audit = "--audit-subscription" in out
+    if demo_env["DEMO_AUDIT"] == "0":
+        assert not audit and "drift checks every 5s" in out, out
+    elif demo_env["DEMO_AUDIT"] == "1":
+        assert audit, out
 
     # The starting point: all three Ready, nothing repaired yet.
     start = section(out, "$ kubectl get orch -n pipeline", "==> Incident 1")
@@ -125,7 +137,10 @@ def test_demo_without_a_terminal_shows_both_repairs_and_tears_down(
     events = section(one, "Events:", "$ grep")
     for reason in ("DriftDetected", "DriftRepaired"):
         assert re.search(rf"{reason} .*env NEXT_PHASE missing", events), events
-    assert "result=repaired" in section(one, "$ grep phase4-to-phase5", "==>"), one
+    log = section(one, "$ grep phase4-to-phase5", "==>")
+    assert "result=repaired" in log, log
+    # With the feed, the audit entry woke the check: the periodic one was a minute away.
+    assert ("woken_by=['audit']" in log) == audit, log
 
     # Incident 2: the invoker binding disappears and comes back; the other role is untouched.
     two = section(out, "==> Incident 2", "==> Both incidents")
