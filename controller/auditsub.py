@@ -238,6 +238,7 @@ class AuditListener:
         self.subscription = subscription
         self.router = router
         self.received = 0
+        self.failures = 0  # streams that failed (and were re-opened)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -281,11 +282,36 @@ class AuditListener:
             log.exception("audit_entry_failed")
 
     async def _run(self) -> None:
-        from google.cloud import pubsub_v1  # type: ignore[attr-defined]
-
         attempt = 0
         while not self._stopping.is_set():
-            client = pubsub_v1.SubscriberClient()
+            opened = time.monotonic()
+            try:
+                error = await self._stream()
+            except Exception as exc:  # e.g. no credentials: keep trying, polling goes on
+                error = exc
+            if self._stopping.is_set():
+                break
+            self.failures += 1
+            # A stream that lived a while and then broke is retried quickly again.
+            attempt = 1 if time.monotonic() - opened > RESUBSCRIBE_BACKOFF[1] else attempt + 1
+            first, cap = RESUBSCRIBE_BACKOFF
+            delay = min(cap, first * 2 ** (attempt - 1))
+            log.warning(
+                "audit_subscription_failed",
+                subscription=self.subscription,
+                error=repr(error),
+                retry_in=delay,
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        log.info("audit_unsubscribed", subscription=self.subscription)
+
+    async def _stream(self) -> BaseException | None:
+        """One streaming pull, until it fails (returns why) or the listener stops (None)."""
+        from google.cloud import pubsub_v1  # type: ignore[attr-defined]
+
+        client = pubsub_v1.SubscriberClient()
+        try:
             future = client.subscribe(
                 self.subscription,
                 callback=self._on_message,
@@ -308,21 +334,9 @@ class AuditListener:
             future.cancel()  # non-blocking: the manager shuts down on its own thread
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(stream, timeout=10)
+            return error
+        finally:
             await asyncio.get_running_loop().run_in_executor(None, client.close)
-            if self._stopping.is_set():
-                break
-            attempt += 1
-            first, cap = RESUBSCRIBE_BACKOFF
-            delay = min(cap, first * 2 ** (attempt - 1))
-            log.warning(
-                "audit_subscription_failed",
-                subscription=self.subscription,
-                error=repr(error),
-                retry_in=delay,
-            )
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        log.info("audit_unsubscribed", subscription=self.subscription)
 
 
 def resolve_own_principal(explicit: str | None, gcp_endpoint: str | None) -> str | None:
