@@ -81,6 +81,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # kopf would also post its own log lines as Events; ours are the contract's Events only.
     # (posting.enabled=False would also silence kopf.event(), which posts ours.)
     settings.posting.level = logging.CRITICAL
+    settings.posting.reporting_component = "runwarden"  # the "From" of our Events
     clients = make_clients(config.gcp_endpoint)
     memo.clients = clients
     memo.gateway = Gateway(clients)

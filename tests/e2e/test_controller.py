@@ -205,7 +205,10 @@ def test_apply_becomes_ready_and_service_holds_spec(
         assert c["observedGeneration"] == obj["metadata"]["generation"]
         assert c["lastTransitionTime"].endswith("Z")
     assert FINALIZER_IN(obj)
-    wait_for(lambda: has_event(crds, namespace, "orch", "Synced"), 10, message="Synced Event")
+    synced = wait_for(
+        lambda: has_event(crds, namespace, "orch", "Synced"), 10, message="Synced Event"
+    )
+    assert synced[0]["source"]["component"] == "runwarden"  # the "From" in kubectl describe
 
     # Later checks find no drift, write nothing, and leave lastTransitionTime alone.
     before = condition(obj)["lastTransitionTime"]
