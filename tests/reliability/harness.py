@@ -368,29 +368,45 @@ def wait_converged(
     Returns the Orchestrators as last seen.
     """
     seen: set[str] = set()
-    last: dict[str, Any] = {"violations": ["never checked"], "waiting": []}
+    last: dict[str, Any] = {"violations": ["never checked"], "waiting": [], "laggards": set()}
 
     def converged() -> dict[str, dict[str, Any]] | None:
         objs = orchestrators(plane, namespace)
         now = {t.name for t in targets if in_sync(objs.get(t.name), since)}
         seen.update(now)
-        bad = [v for t in targets for v in violations(state(admin, t), t, declared=declared)]
         ok = now if together else seen
+        bad: list[str] = []
+        laggards: set[str] = set()
+        for t in targets:
+            found = violations(state(admin, t), t, declared=declared)
+            bad += found
+            if found or t.name not in ok:
+                laggards.add(t.name)
         last["violations"] = bad
+        last["laggards"] = laggards
         last["waiting"] = [
             f"{t.name}: {condition(objs.get(t.name)).get('reason')}"
             for t in targets
             if t.name not in ok
         ]
-        return objs if not bad and not last["waiting"] else None
+        return objs if not laggards else None
 
     try:
         return wait_for(converged, timeout, interval=0.5)
     except AssertionError as exc:
-        raise AssertionError(
+        raise NotConverged(
             f"not converged within {timeout:g}s; violations: {last['violations'][:20]}; "
-            f"not in sync: {last['waiting']}"
+            f"not in sync: {last['waiting']}",
+            last["laggards"],
         ) from exc
+
+
+class NotConverged(AssertionError):
+    """wait_converged ran out of time; ``laggards`` names the targets that were not there."""
+
+    def __init__(self, message: str, laggards: set[str]) -> None:
+        super().__init__(message)
+        self.laggards = laggards
 
 
 # ---------------------------------------------------------------------- counters over time
@@ -426,13 +442,15 @@ class CallSampler:
         return [(t, value(calls)) for t, calls in self.samples]
 
     def increments(self, value: Callable[[Mapping[str, int]], int]) -> list[float]:
-        """The times (sample times, monotonic) at which ``value`` went up, once per unit."""
+        """The times (sample times, monotonic) at which ``value`` reached a new high, once per
+        unit. A derived value (a difference of counters) may blip up and back between two calls
+        of one check; counting new highs only keeps the total exact."""
         times: list[float] = []
-        previous: int | None = None
+        high: int | None = None
         for t, v in self.series(value):
-            if previous is not None and v > previous:
-                times += [t] * (v - previous)
-            previous = v
+            if high is not None and v > high:
+                times += [t] * (v - high)
+            high = v if high is None else max(high, v)
         return times
 
 

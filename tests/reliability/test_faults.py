@@ -16,8 +16,11 @@ from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
 from tests.reliability.harness import (
+    PROJECT,
+    REGION,
     RUN,
     CanaryCollector,
+    NotConverged,
     Target,
     apply,
     delta,
@@ -38,18 +41,24 @@ ORCHESTRATORS = scaled(5, 20)
 ROUNDS = scaled(2, 10)
 RATE = 0.3
 CODES = ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"]
-# RESOURCE_EXHAUSTED reads as quota, whose backoff may reach the controller's cap (300 s) after a
-# run of failed checks: a deadline shorter than that would fail a controller working as designed.
-# (How often it gets there is the subject of test_quota_backoff_is_not_escalated_by_...)
-DEADLINE = QUOTA_BACKOFF[1] + 30
+# The same without RESOURCE_EXHAUSTED (which the controller reads as quota, see below): figures
+# for the transient errors alone, whatever becomes of the quota backoff.
+TRANSIENT = ["UNAVAILABLE", "DEADLINE_EXCEEDED"]
+DEADLINE = 120  # per phase: 60 resync periods, however the faults fall
 # A repaired knock-out needs one UpdateService and one SetIamPolicy. With 30 % of calls failing,
 # ~1.4 attempts per write are expected; 3 per needed write on average is the hammering line.
 MAX_WRITES_PER_REPAIR = 2 * 3
+ESCALATION_BUG = (
+    "known controller bug (see test_quota_backoff_is_not_escalated_by_transient_failures): "
+    "{names} waited on a quota backoff escalated by earlier non-quota failures"
+)
 
 
 @pytest.mark.timeout((ROUNDS + 2) * DEADLINE + 120)
+@pytest.mark.parametrize("codes", [CODES, TRANSIENT], ids=["issue-mix", "transient-only"])
 @pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 50, "random_seed": 30}], indirect=True)
 def test_converges_through_30_percent_faults(
+    codes: list[str],
     crds: ControlPlane,
     ns: str,
     fresh_emulator: EmulatorProcess,
@@ -58,34 +67,47 @@ def test_converges_through_30_percent_faults(
     canary: CanaryCollector,
     figures: Callable[[str, str, str], None],
 ) -> None:
+    """Each phase (first sync, each drift round, the end of the faults) must converge within
+    DEADLINE. The outcome is random (the faults are): when a phase times out only because of the
+    escalated quota backoff pinned deterministically below, the test is marked xfailed at run
+    time with that evidence; any other timeout fails it."""
     admin = fresh_emulator.admin
     targets = make_targets(ORCHESTRATORS, "flt")
     for t in targets:
         deploy(admin, t)
-    admin.set_faults(rate=RATE, codes=CODES)
+    admin.set_faults(rate=RATE, codes=codes)
     controller = start_controller(fresh_emulator)
+    counts = f"{ORCHESTRATORS} Orchestrators x {ROUNDS} drift rounds"
+    scenario = f"Faults: 30 % of calls fail {' / '.join(codes)}"
 
-    started = time.monotonic()
+    def phase(name: str, **kw: Any) -> tuple[dict[str, dict[str, Any]], float]:
+        began = time.monotonic()
+        mark = len(controller.log_lines())
+        try:
+            objs = wait_converged(crds, ns, admin, targets, DEADLINE, **kw)
+        except NotConverged as exc:
+            escalated = escalated_quota_backoffs(controller, exc.laggards, mark)
+            if escalated and escalated >= exc.laggards:
+                figures(scenario, counts, f"{name} did not converge in {DEADLINE} s")
+                pytest.xfail(ESCALATION_BUG.format(names=sorted(escalated)))
+            raise
+        return objs, time.monotonic() - began
+
     apply(crds, ns, targets)
-    wait_converged(crds, ns, admin, targets, DEADLINE, together=False)
-    first_sync = time.monotonic() - started
+    _, first_sync = phase("the first sync", together=False)
 
     before = admin.calls()
     round_seconds: list[float] = []
     for r in range(ROUNDS):
         since = utc_stamp(round_up=True)
-        began = time.monotonic()
         for t in targets:
             knock_out(admin, t, canary, r)
         assert all(violations(state(admin, t), t) for t in targets), "the drift did not land"
-        wait_converged(
-            crds, ns, admin, targets, 90 + 3 * ORCHESTRATORS, since=since, together=False
-        )
-        round_seconds.append(time.monotonic() - began)
+        round_seconds.append(phase(f"drift round {r + 1}", since=since, together=False)[1])
     calls = delta(admin.calls(), before)
 
     admin.clear_faults()
-    objs = wait_converged(crds, ns, admin, targets, 60)
+    objs, settle = phase("all Ready after the faults")
     assert controller.running, controller.tail()
 
     repairs = ROUNDS * ORCHESTRATORS
@@ -93,14 +115,43 @@ def test_converges_through_30_percent_faults(
     counted = sum(o["status"]["drift"]["count"] for o in objs.values())
     reasons = event_counts(events(crds, ns))
     figures(
-        "Faults (30 % UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED)",
-        f"{ORCHESTRATORS} Orchestrators x {ROUNDS} drift rounds",
+        scenario,
+        counts,
         f"first sync {first_sync:.0f} s; each round converged in ≤ {max(round_seconds):.0f} s; "
         f"{per_repair:.1f} write calls per repair (minimum 2), "
         f"{reads(calls) / repairs:.1f} reads per repair; "
-        f"{counted} repairs counted in status; Events {dict(reasons)}",
+        f"{counted} repairs counted in status; all Ready {settle:.0f} s after the faults "
+        f"stopped; Events {dict(reasons)}",
     )
     assert per_repair <= MAX_WRITES_PER_REPAIR, calls
+
+
+def escalated_quota_backoffs(
+    controller: ControllerProcess, names: set[str], since_line: int = 0
+) -> set[str]:
+    """The Orchestrators among ``names`` that met the escalation bug in the phase that began at
+    log line ``since_line`` (or still sleep on it): a QuotaExceeded check scheduling its retry
+    further out than the quota backoff allows after the quota refusals that preceded it in a row,
+    so earlier non-quota failures escalated it. Successful checks are logged at debug level
+    only, so runs of refusals may look longer than they were: that only makes this stricter."""
+    first = QUOTA_BACKOFF[0]
+    found: set[str] = set()
+    in_a_row: dict[str, int] = {}
+    sleeping: dict[str, bool] = {}
+    for index, line in enumerate(controller.log_lines()):
+        name = (line.get("k8s_ref") or {}).get("name")
+        if name not in names or line.get("event") not in ("check", "check_failed"):
+            continue
+        if line.get("event") == "check" or line.get("reason") != "QuotaExceeded":
+            in_a_row[name] = 0
+            sleeping[name] = False
+            continue
+        in_a_row[name] = in_a_row.get(name, 0) + 1
+        delay = line.get("next_check_in") or 0
+        sleeping[name] = delay > first * 2 ** (in_a_row[name] - 1)
+        if index >= since_line and sleeping[name]:
+            found.add(name)
+    return found | {name for name, asleep in sleeping.items() if asleep}
 
 
 def failed_checks(controller: ControllerProcess, after: int = 0) -> list[dict[str, Any]]:
@@ -138,8 +189,9 @@ def test_reads_are_retried_within_the_call(
     admin.set_faults(rate=0.3, codes=["DEADLINE_EXCEEDED"], methods=["GetService", "GetIamPolicy"])
     start = admin.calls().get(f"{RUN}GetIamPolicy", 0)
     # 20 checks that got past GetService (each then reads the IAM policy once or more).
-    wait_for(lambda: admin.calls().get(f"{RUN}GetIamPolicy", 0) - start >= 20, 60,
-             message="20 checks")
+    wait_for(
+        lambda: admin.calls().get(f"{RUN}GetIamPolicy", 0) - start >= 20, 60, message="20 checks"
+    )
     failed = failed_checks(controller, mark)
     assert not failed, [f"{f.get('reason')}: {f.get('message')}" for f in failed]
 
@@ -168,9 +220,53 @@ def test_quota_backoff_is_not_escalated_by_transient_failures(
     wait_for(lambda: len(failed_checks(controller, mark)) >= 6, 60, message="6 failed checks")
     before = admin.calls().get(f"{RUN}GetService", 0)
     admin.set_faults(rate=1.0, codes=["RESOURCE_EXHAUSTED"], methods=["GetService"])
-    wait_for(lambda: admin.calls().get(f"{RUN}GetService", 0) > before, 30,
-             message="a check refused for quota")
+    wait_for(
+        lambda: admin.calls().get(f"{RUN}GetService", 0) > before,
+        30,
+        message="a check refused for quota",
+    )
     admin.clear_faults()
     refused = admin.calls().get(f"{RUN}GetService", 0)
-    wait_for(lambda: admin.calls().get(f"{RUN}GetService", 0) > refused,
-             2 * QUOTA_BACKOFF[0] + 5, message="the check after the first quota refusal")
+    wait_for(
+        lambda: admin.calls().get(f"{RUN}GetService", 0) > refused,
+        2 * QUOTA_BACKOFF[0] + 5,
+        message="the check after the first quota refusal",
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="controller bug: a drift whose first repair attempt fails is no longer drift for the "
+    "next check (its condition is False by then, reconcile.Prior.synced), so the repair is "
+    "reported as 'applied the spec' (Synced) and status.drift.count / drift.last / the "
+    "DriftRepaired Event miss it; under faults the drift counters undercount",
+)
+def test_repair_after_a_failed_attempt_is_still_a_drift_repair(
+    crds: ControlPlane,
+    ns: str,
+    fresh_emulator: EmulatorProcess,
+    start_controller: Callable[..., ControllerProcess],
+    make_targets: Callable[..., list[Target]],
+) -> None:
+    (target,) = make_targets(1, "cnt")
+    start_controller(fresh_emulator)
+    converged_single(crds, ns, fresh_emulator, target)
+    admin = fresh_emulator.admin
+    member = sorted(target.members)[0]
+    admin.set_faults(rate=1.0, codes=["UNAVAILABLE"], methods=["SetIamPolicy"])
+    writes_before = admin.calls().get(f"{RUN}SetIamPolicy", 0)
+    current = state(admin, target)["iam"][target.role]
+    admin.put_service(
+        PROJECT, REGION, target.service, invokers={target.role: [m for m in current if m != member]}
+    )
+    wait_for(
+        lambda: admin.calls().get(f"{RUN}SetIamPolicy", 0) > writes_before,
+        30,
+        message="a failed repair",
+    )
+    admin.clear_faults()
+    objs = wait_converged(crds, ns, admin, [target], 30)
+    drift = objs[target.name]["status"]["drift"]
+    assert drift["count"] == 1 and drift["last"] == [f"invoker {member} missing"], drift
+    repaired = [e for e in events(crds, ns) if e["reason"] == "DriftRepaired"]
+    assert repaired and member in repaired[-1]["message"]
