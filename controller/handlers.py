@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import kopf
 
 from controller import auditsub, fight, logs, metrics, reconcile, spec, status
@@ -48,6 +49,10 @@ GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
 FINALIZER = "runwarden.dev/finalizer"
 LOOP_GAP = 0.05  # seconds between a timer call returning and the next one starting to wait
 DEFAULT_RESYNC = 60.0
+# Connections to kube-apiserver. kopf's own pool is unbounded: with hundreds of Orchestrators
+# finishing checks together it held one TLS connection per concurrent status patch, each with a
+# 256 KiB read buffer and OpenSSL state (1,000 Orchestrators: ~450 MB RSS instead of ~150 MB).
+KUBE_CONNECTIONS = 16
 
 log = logs.get("runwarden.controller")
 
@@ -114,6 +119,36 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if clients is not None:
         await clients.close()
     log.info("stopped")
+
+
+@kopf.on.login()
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    """kopf's own credentials (in-cluster service account, else KUBECONFIG, the one kopf would
+    prefer), in an HTTP session with a bounded connection pool (see KUBE_CONNECTIONS)."""
+    found = [
+        info
+        for info in (
+            kopf.login_with_service_account(**kwargs),
+            kopf.login_with_kubeconfig(**kwargs),
+        )
+        if info is not None
+    ]
+    if not found:
+        return None
+    info = max(found, key=lambda i: i.priority)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=KUBE_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        priority=info.priority,
+        expiration=info.expiration,
+        aiohttp_session=session,
+    )
 
 
 # ---------------------------------------------------------------------- spec changes
