@@ -11,13 +11,19 @@ Shape of the drift loop (why a timer and not a daemon):
   Timer kwargs (body, spec, status) are live views, so a woken check sees the newest spec.
 
   Spec changes (create/update/resume, spec only: status patches do not trigger them) just wake
-  the loop; so can anything else via ``controller.loops.wake(project, region, service)`` — the
-  hook for the Cloud Audit Log listener. Checks and the deletion handler for one object share
-  the loop's lock, so they never run concurrently.
+  the loop, with the object's generation: a check that has already read that generation (the
+  first check of a new or resumed object usually has) is not repeated. Anything else can wake it
+  via ``controller.loops.wake(project, region, service)`` — the hook for the Cloud Audit Log
+  listener. Checks and the deletion handler for one object share the loop's lock, so they never
+  run concurrently.
+
+Start-up: kopf starts only once the apiserver serves the Orchestrator resource (see
+controller.crdwait for why kopf cannot be left to notice a CRD created after it started).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
@@ -28,7 +34,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from controller import auditsub, fight, logs, metrics, reconcile, spec, status
+from controller import auditsub, crdwait, fight, logs, metrics, reconcile, spec, status
 from controller.auditsub import AuditListener
 from controller.clients import Clients, make_clients
 from controller.fight import FightPolicy
@@ -58,7 +64,10 @@ log = logs.get("runwarden.controller")
 
 
 def run(settings: Settings) -> None:
-    """Run the operator until SIGTERM/SIGINT."""
+    """Run the operator until SIGTERM/SIGINT, from when the apiserver serves Orchestrators."""
+    resource = crdwait.ApiResource(GROUP, VERSION, PLURAL)
+    if not asyncio.run(crdwait.wait_until_served(resource, _connect, liveness=settings.liveness)):
+        return  # stopped while waiting for the CRD
     kopf.run(
         standalone=settings.standalone,
         namespaces=list(settings.namespaces),
@@ -123,8 +132,22 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.login()
 async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
-    """kopf's own credentials (in-cluster service account, else KUBECONFIG, the one kopf would
-    prefer), in an HTTP session with a bounded connection pool (see KUBE_CONNECTIONS)."""
+    """kopf's own credentials in an HTTP session with a bounded connection pool (see
+    KUBE_CONNECTIONS)."""
+    info = _credentials(**kwargs)
+    if info is None:
+        return None
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        priority=info.priority,
+        expiration=info.expiration,
+        aiohttp_session=_session(info),
+    )
+
+
+def _credentials(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else KUBECONFIG: the one kopf would prefer."""
     found = [
         info
         for info in (
@@ -133,22 +156,22 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
         )
         if info is not None
     ]
-    if not found:
-        return None
-    info = max(found, key=lambda i: i.priority)
-    session = aiohttp.ClientSession(
+    return max(found, key=lambda i: i.priority) if found else None
+
+
+def _session(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=KUBE_CONNECTIONS, ssl=info.as_ssl_context()),
         headers=info.as_http_headers(),
         proxy=info.proxy_url,
         trust_env=info.trust_env,
     )
-    return kopf.AiohttpSession(
-        server=info.server,
-        default_namespace=info.default_namespace,
-        priority=info.priority,
-        expiration=info.expiration,
-        aiohttp_session=session,
-    )
+
+
+def _connect() -> tuple[str, aiohttp.ClientSession] | None:
+    """The same credentials before kopf runs (for controller.crdwait)."""
+    info = _credentials(settings=kopf.OperatorSettings())
+    return (info.server, _session(info)) if info is not None else None
 
 
 # ---------------------------------------------------------------------- spec changes
@@ -157,9 +180,13 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def spec_changed(namespace: str | None, name: str, reason: str, **_: Any) -> None:
-    """Check this Orchestrator at once (the drift loop picks up the new spec)."""
-    REGISTRY.loop(namespace or "", name).wake(f"spec-{reason}")
+async def spec_changed(
+    body: kopf.Body, namespace: str | None, name: str, reason: str, **_: Any
+) -> None:
+    """Check this Orchestrator at once (the drift loop picks up the new spec), unless a check
+    has read this generation already."""
+    generation = int(body.metadata.get("generation") or 0) or None
+    REGISTRY.loop(namespace or "", name).wake(f"spec-{reason}", generation=generation)
 
 
 # ---------------------------------------------------------------------- the drift loop
@@ -237,7 +264,7 @@ async def _check(
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if update.wrote.generation is not None or update.wrote.iam_etag is not None:
         loop.last_write = update.wrote
-    delay = loop.schedule(resync, update.failure)
+    delay = loop.schedule(resync, update.failure, generation=generation)
 
     result = _result(update, desired)
     metrics.RECONCILES.labels(result=result).inc()

@@ -10,6 +10,11 @@ changed, e.g. a Cloud Audit Log listener::
 ``wake`` must be called from the operator's event loop thread (from another thread use
 ``loop.call_soon_threadsafe(loops.wake, ...)``). It never blocks and never fails: an unknown
 service simply wakes nothing (it returns how many loops it woke).
+
+A spec wake carries the object's ``metadata.generation``; a check records the generation it read.
+A spec wake for a generation a check has already seen is dropped: on create (and on resume) kopf
+calls the spec handler while the loop's first check is already reading that very spec, and a
+second check right after it would only repeat the same reads.
 """
 
 from __future__ import annotations
@@ -44,14 +49,19 @@ class DriftLoop:
     last_write: WriteRecord = field(default_factory=WriteRecord)
     deleted: bool = False
     checks: int = 0  # completed checks since this process started
+    checked_generation: int | None = None  # metadata.generation the last check read
     # Status this process wrote that the watch may not have delivered yet (top-level keys).
     written: dict[str, Any] = field(default_factory=dict)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
-    _reasons: list[str] = field(default_factory=list)
+    _wakes: list[tuple[str, int | None]] = field(default_factory=list)  # (reason, generation)
 
-    def wake(self, reason: str = "wake") -> None:
-        """Check at once (or as soon as the running check finishes)."""
-        self._reasons.append(reason)
+    def wake(self, reason: str = "wake", generation: int | None = None) -> None:
+        """Check at once (or as soon as the running check finishes).
+
+        ``generation``: for a spec change, the object's ``metadata.generation``; the wake is
+        dropped if a check has read that generation (or a newer one) by then.
+        """
+        self._wakes.append((reason, generation))
         self._event.set()
 
     async def wait(self, stop: Callable[[float], Awaitable[object]]) -> tuple[str, ...]:
@@ -61,8 +71,11 @@ class DriftLoop:
         first, returns an empty tuple and the caller should exit.
         """
         loop = asyncio.get_running_loop()
-        delay = max(0.0, self.due - loop.time())
-        if not self._event.is_set() and delay > 0:
+        while True:
+            self._drop_seen_wakes()
+            delay = max(0.0, self.due - loop.time())
+            if self._event.is_set() or delay <= 0:
+                break
             woken = asyncio.ensure_future(self._event.wait())
             stopping = asyncio.ensure_future(stop(delay if math.isfinite(delay) else 86400.0))
             try:
@@ -74,10 +87,18 @@ class DriftLoop:
                         await task
             if not self._event.is_set() and loop.time() < self.due:
                 return ()  # stopped, or a "stop" timeout that fell short: the caller re-checks
-        reasons = tuple(dict.fromkeys(self._reasons)) or ("resync",)
-        self._reasons.clear()
+        reasons = tuple(dict.fromkeys(reason for reason, _ in self._wakes)) or ("resync",)
+        self._wakes.clear()
         self._event.clear()
         return reasons
+
+    def _drop_seen_wakes(self) -> None:
+        """Forget spec wakes for a generation the last check already read."""
+        seen = self.checked_generation
+        if seen is not None:
+            self._wakes = [(r, g) for r, g in self._wakes if g is None or g > seen]
+        if not self._wakes:
+            self._event.clear()
 
     def history(self, live: Mapping[str, Any]) -> dict[str, Any]:
         """The status as this process last left it: the live one overlaid with what was written
@@ -91,9 +112,14 @@ class DriftLoop:
         resync: float,
         failure: Failure | None,
         rng: random.Random | None = None,
+        *,
+        generation: int | None = None,
     ) -> float:
-        """Set when the next check is due after a check; returns the delay in seconds."""
+        """Set when the next check is due after a check that read ``generation`` of the spec;
+        returns the delay in seconds."""
         self.checks += 1
+        if generation is not None:
+            self.checked_generation = generation
         if failure is None:
             self.failures = 0
         else:

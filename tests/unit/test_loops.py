@@ -107,3 +107,44 @@ async def test_forget_wakes_and_marks_deleted() -> None:
 @pytest.mark.parametrize("retry", list(Retry))
 def test_every_retry_kind_gives_a_positive_delay(retry: Retry) -> None:
     assert next_delay(5, failure(retry), 1) > 0
+
+
+async def test_spec_wake_for_a_generation_already_checked_is_dropped() -> None:
+    """On create/resume kopf's spec handler wakes the loop while its first check already reads
+    that generation: the wake must not cause a second check."""
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    aio = asyncio.get_running_loop()
+    loop_.wake("spec-create", generation=3)  # arrives during the first check ...
+    loop_.schedule(3600, None, generation=3)  # ... which read generation 3
+    assert loop_.checked_generation == 3
+
+    async def short_stop(delay: float) -> None:
+        await asyncio.sleep(min(delay, 0.2))
+
+    assert await asyncio.wait_for(loop_.wait(short_stop), 2) == ()  # not woken: nothing new
+    assert loop_.due - aio.time() > 1000  # still due only at the resync
+
+    waiting = asyncio.create_task(loop_.wait(short_stop))
+    loop_.wake("spec-update", generation=2)  # an older event delivered late: also seen
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    loop_.wake("spec-update", generation=4)  # a newer spec: check
+    assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
+
+    loop_.schedule(3600, None, generation=4)
+    loop_.wake("spec-resume", generation=4)
+    loop_.wake("audit")  # not a spec wake: always checks (and the seen spec wake is dropped)
+    assert await asyncio.wait_for(loop_.wait(short_stop), 1) == ("audit",)
+
+
+async def test_spec_wake_before_any_check_counts() -> None:
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    loop_.due = asyncio.get_running_loop().time() + 3600
+    loop_.wake("spec-create", generation=1)
+
+    async def no_stop(delay: float) -> None:
+        await asyncio.sleep(delay)
+
+    assert await asyncio.wait_for(loop_.wait(no_stop), 1) == ("spec-create",)
