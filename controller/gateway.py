@@ -44,7 +44,8 @@ INGRESS_TO_API = {
 }
 INGRESS_FROM_API = {int(v): k for k, v in INGRESS_TO_API.items()}
 
-# Reads are idempotent: a transient failure is retried inside the call. Writes are not retried
+# Reads are idempotent: a transient failure is retried inside the call, with this one policy
+# for every read (GetService, GetIamPolicy, GetServiceAccount). Writes are not retried
 # here (a lost response would turn the retry into a false conflict); the reconcile's own backoff
 # covers them, and IAM conflicts get the read-modify-write retry below.
 _TRANSIENT = retry_async.if_exception_type(
@@ -274,7 +275,9 @@ class Gateway:
         with _translate(f"service {ref}"):
             return await self._call(
                 "GetService",
-                lambda: self._run.get_service(request=request, timeout=self._timeout),
+                lambda: self._run.get_service(
+                    request=request, retry=READ_RETRY, timeout=self._timeout
+                ),
             )
 
     async def _get_policy(self, ref: ServiceRef) -> policy_pb2.Policy:

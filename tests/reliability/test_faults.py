@@ -166,12 +166,6 @@ def converged_single(
     wait_converged(crds, ns, emulator.admin, [target], 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="controller bug: Gateway._get_service calls GetService without READ_RETRY, so a "
-    "DEADLINE_EXCEEDED (or INTERNAL) on the read fails the whole check; GetIamPolicy and "
-    "GetServiceAccount are retried in the call",
-)
 def test_reads_are_retried_within_the_call(
     crds: ControlPlane,
     ns: str,
