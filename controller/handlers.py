@@ -27,9 +27,9 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -85,7 +85,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     config: Settings = memo.config
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="runwarden.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = LeanDiffBaseStorage(
         prefix="runwarden.dev", key="last-handled-configuration"
     )
     # On deletion kopf waits for the drift-loop timer to exit before releasing the finalizer; it
@@ -128,6 +128,37 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if clients is not None:
         await clients.close()
     log.info("stopped")
+
+
+class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff base (the same essence, the same annotation), built without deep-copying
+    what the essence leaves out anyway.
+
+    kopf builds the essence of every watch event it sees — one per status patch, so one per
+    check — starting with a deep copy of the whole body, metadata.managedFields and status
+    included, only to delete most of it (py-spy: ~6% of a steady-state check's CPU, now ~2%).
+    """
+
+    def build(
+        self,
+        *,
+        body: kopf.Body,
+        extra_fields: Iterable[Any] | None = None,
+    ) -> kopf.BodyEssence:
+        extra = list(extra_fields or ())
+        meta = body.get("metadata") or {}
+        lean: dict[str, Any] = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        lean["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+        if any(_field_root(f) == "status" for f in extra) and "status" in body:
+            lean["status"] = body["status"]
+        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=extra)
+
+
+def _field_root(field: Any) -> str:
+    """'status.x' / ('status', 'x') / ['status'] -> 'status'."""
+    if isinstance(field, str):
+        return field.split(".", 1)[0]
+    return str(next(iter(field), ""))
 
 
 @kopf.on.login()
