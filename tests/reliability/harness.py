@@ -409,6 +409,21 @@ class NotConverged(AssertionError):
         self.laggards = laggards
 
 
+def asleep_on_quota(controller: Any, names: set[str], at_least: float) -> set[str]:
+    """The Orchestrators among ``names`` whose last logged check was refused for quota and put
+    off the next one by ``at_least`` seconds or more (from the controller's own log)."""
+    last: dict[str, dict[str, Any]] = {}
+    for line in controller.log_lines():
+        name = (line.get("k8s_ref") or {}).get("name")
+        if name in names and line.get("event") in ("check", "check_failed"):
+            last[name] = line
+    return {
+        name
+        for name, line in last.items()
+        if line.get("reason") == "QuotaExceeded" and (line.get("next_check_in") or 0) >= at_least
+    }
+
+
 # ---------------------------------------------------------------------- counters over time
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.reliability.harness import (
     NotConverged,
     Target,
     apply,
+    asleep_on_quota,
     condition,
     deploy,
     knock_out,
@@ -120,7 +120,7 @@ def test_quota_exceeded_reported_slows_down_converges_without_burst(
     try:
         wait_converged(crds, ns, admin, targets, left, since=since, together=False)
     except NotConverged as exc:
-        starving = asleep_for_a_minute(controller, exc.laggards)
+        starving = asleep_on_quota(controller, exc.laggards, MINUTE)
         if starving and starving >= exc.laggards:
             figures(scenario, counts, f"{seen}; {sorted(starving)} starved")
             pytest.xfail(STARVATION.format(names=sorted(starving)))
@@ -131,18 +131,3 @@ def test_quota_exceeded_reported_slows_down_converges_without_burst(
         counts,
         f"{seen}; drift made then repaired {converged:.0f} s after the first refusal",
     )
-
-
-def asleep_for_a_minute(controller: ControllerProcess, names: set[str]) -> set[str]:
-    """The Orchestrators among ``names`` whose last check was refused for quota and scheduled
-    the next one a minute or more later: out of the competition for a whole quota window."""
-    last: dict[str, dict[str, Any]] = {}
-    for line in controller.log_lines():
-        name = (line.get("k8s_ref") or {}).get("name")
-        if name in names and line.get("event") in ("check", "check_failed"):
-            last[name] = line
-    return {
-        name
-        for name, line in last.items()
-        if line.get("reason") == "QuotaExceeded" and (line.get("next_check_in") or 0) >= MINUTE
-    }
