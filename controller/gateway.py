@@ -32,6 +32,7 @@ from controller.model import (
     ServiceRef,
     SettingValue,
 )
+from controller.pacing import Pacer
 
 T = TypeVar("T")
 
@@ -139,8 +140,11 @@ class Gateway:
         timeout: float = 30.0,
         rollout_timeout: float = 600.0,
         sa_cache_seconds: float = 600.0,
+        pacer: Pacer | None = None,
     ) -> None:
         self._run = clients.run
+        # Per-region read/write budgets; every Cloud Run call waits for its token.
+        self._pacer = pacer if pacer is not None else Pacer()
         self._iam = clients.iam
         self._timeout = timeout
         self._rollout_timeout = rollout_timeout
@@ -151,8 +155,10 @@ class Gateway:
 
     async def observe(self, ref: ServiceRef, container: str) -> Observed:
         """One GetService and one GetIamPolicy: everything a check needs."""
-        service = await self._get_service(ref)
-        policy = await self._get_policy(ref)
+        # Both reads' tokens at once, so that a busy budget delays the check, not its 2nd read.
+        await self._pacer.take(ref.region, write=False, n=2)
+        service = await self._get_service(ref, paced=True)
+        policy = await self._get_policy(ref, paced=True)
         return _observed(ref, container, service, policy)
 
     async def refresh_service(self, observed: Observed, container: str) -> Observed:
@@ -210,6 +216,8 @@ class Gateway:
             operation = await self._call(
                 "UpdateService",
                 lambda: self._run.update_service(request=request, timeout=self._timeout),
+                region=observed.ref.region,
+                write=True,
             )
             _tune_polling(operation)
             try:
@@ -262,6 +270,8 @@ class Gateway:
             result = await self._call(
                 "SetIamPolicy",
                 lambda: self._run.set_iam_policy(request=request, timeout=self._timeout),
+                region=ref.region,
+                write=True,
             )
             return bytes(result.etag)
 
@@ -270,7 +280,8 @@ class Gateway:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _get_service(self, ref: ServiceRef) -> Any:
+    async def _get_service(self, ref: ServiceRef, paced: bool = False) -> Any:
+        """GetService (``paced``: its read token is taken already)."""
         request = run_v2.GetServiceRequest(name=ref.resource_name)
         with _translate(f"service {ref}"):
             return await self._call(
@@ -278,13 +289,15 @@ class Gateway:
                 lambda: self._run.get_service(
                     request=request, retry=READ_RETRY, timeout=self._timeout
                 ),
+                region=ref.region,
+                paced=paced,
             )
 
-    async def _get_policy(self, ref: ServiceRef) -> policy_pb2.Policy:
+    async def _get_policy(self, ref: ServiceRef, paced: bool = False) -> policy_pb2.Policy:
         with _translate(f"IAM policy of service {ref}"):
-            return await self._get_policy_raw(ref)
+            return await self._get_policy_raw(ref, paced)
 
-    async def _get_policy_raw(self, ref: ServiceRef) -> policy_pb2.Policy:
+    async def _get_policy_raw(self, ref: ServiceRef, paced: bool = False) -> policy_pb2.Policy:
         request = iam_policy_pb2.GetIamPolicyRequest(
             resource=ref.resource_name,
             # Version 3 shows conditional bindings, so a write can carry them over intact.
@@ -295,16 +308,34 @@ class Gateway:
             lambda: self._run.get_iam_policy(
                 request=request, retry=READ_RETRY, timeout=self._timeout
             ),
+            region=ref.region,
+            paced=paced,
         )
         return policy
 
-    @staticmethod
-    async def _call(method: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Call Google once (plus the call's own retry policy), counting it by status code."""
+    async def _call(
+        self,
+        method: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        region: str | None = None,
+        write: bool = False,
+        paced: bool = False,
+    ) -> T:
+        """Call Google once (plus the call's own retry policy), counting it by status code.
+
+        A Cloud Run call (``region`` given) first waits for the region's read or write budget,
+        unless ``paced`` (its token is taken already); a quota refusal's RetryInfo holds the
+        budget. IAM API calls (no region) have a quota of their own and are not paced here.
+        """
+        if region is not None and not paced:
+            await self._pacer.take(region, write)
         try:
             result = await fn()
         except gexc.GoogleAPICallError as exc:
             metrics.GCP_REQUESTS.labels(method=method, code=_code(exc)).inc()
+            if region is not None and isinstance(exc, gexc.ResourceExhausted):
+                self._pacer.retry_after(region, write, _retry_delay(exc))
             raise
         except grpc.aio.AioRpcError as exc:
             metrics.GCP_REQUESTS.labels(method=method, code=exc.code().name).inc()
@@ -317,6 +348,15 @@ class Gateway:
 
 
 # ---------------------------------------------------------------------- errors
+
+
+def _retry_delay(exc: gexc.GoogleAPICallError) -> float:
+    """The delay Google's RetryInfo asks for (0 without one)."""
+    for detail in exc.details or ():
+        delay = getattr(detail, "retry_delay", None)  # google.rpc.RetryInfo
+        if delay is not None:
+            return float(delay.seconds + delay.nanos / 1e9)
+    return 0.0
 
 
 def _code(exc: gexc.GoogleAPICallError) -> str:

@@ -49,6 +49,7 @@ from controller.model import (
     Retry,
     StatusUpdate,
 )
+from controller.pacing import Pacer
 from controller.settings import Settings
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
@@ -98,7 +99,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.reporting_component = "runwarden"  # the "From" of our Events
     clients = make_clients(config.gcp_endpoint)
     memo.clients = clients
-    memo.gateway = Gateway(clients)
+    memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
+    memo.gateway = Gateway(clients, pacer=memo.pacer)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     if config.audit_subscription:
@@ -114,6 +116,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         gcp="emulator" if config.gcp_endpoint else "google",
         namespaces=list(config.namespaces) or "*",
         resync_override=config.resync_override,
+        reads_per_minute=config.reads_per_minute,
+        writes_per_minute=config.writes_per_minute,
         metrics_port=config.metrics_port,
         audit_subscription=config.audit_subscription,
     )
@@ -260,6 +264,7 @@ async def _check(
 
     started = time.monotonic()
     resync = config.resync_override or DEFAULT_RESYNC
+    period = resync
     desired: Desired | None = None
     try:
         desired = spec.parse(raw_spec, config.resync_override)
@@ -268,6 +273,10 @@ async def _check(
     else:
         loop.ref = desired.ref
         resync = desired.policy.resync_seconds
+        # The region's read budget may not afford every resync: check less often, evenly.
+        pacer: Pacer = memo.pacer
+        pacer.enroll(loop.key, desired.ref.region, resync)
+        period = pacer.period(desired.ref.region, resync)
         listener: AuditListener | None = memo.get("audit")
         hold = listener.begin_check(desired.ref, reasons) if listener is not None else None
         if hold is not None:
@@ -295,7 +304,7 @@ async def _check(
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if update.wrote.generation is not None or update.wrote.iam_etag is not None:
         loop.last_write = update.wrote
-    delay = loop.schedule(resync, update.failure, generation=generation)
+    delay = loop.schedule(period, update.failure, generation=generation)
 
     result = _result(update, desired)
     metrics.RECONCILES.labels(result=result).inc()
@@ -357,6 +366,7 @@ async def deleted(
     async with loop.lock:
         history = loop.history(copy.deepcopy(dict(body.get("status") or {})))
         REGISTRY.forget(namespace, name)
+        memo.pacer.forget((namespace, name))
         metrics.set_ready(namespace, name, None)
         if spec.parse_deletion(raw_spec) is not DeletionPolicy.REVOKE:
             ref_log.info("deleted", deletion="Abandon")

@@ -44,19 +44,36 @@ DRIFT_REPAIR_SECONDS = Histogram(
     buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900, 3600),
 )
 
+CHECK_PERIOD = Gauge(
+    "runwarden_effective_check_period_seconds",
+    "Mean period between two checks of an Orchestrator in this region: the resync, stretched "
+    "when the region's read budget (--reads-per-minute) cannot afford it.",
+    ["region"],
+)
+BUDGET_WAIT = Counter(
+    "runwarden_budget_wait_seconds_total",
+    "Seconds Cloud Run calls waited for the region's read or write budget.",
+    ["region", "kind"],  # kind: read | write
+)
+
 _ready_by_object: dict[tuple[str, str], str] = {}
+_ready_counts: dict[str, int] = {"True": 0, "False": 0, "Unknown": 0}
+for _state in _ready_counts:
+    ORCHESTRATORS.labels(ready=_state).set(0)
 
 
 def set_ready(namespace: str, name: str, ready: str | None) -> None:
     """Record one Orchestrator's Ready status ("True"/"False"/"Unknown"; None = forgotten)."""
-    if ready is None:
-        _ready_by_object.pop((namespace, name), None)
-    else:
-        _ready_by_object[(namespace, name)] = ready
-    for state in ("True", "False", "Unknown"):
-        ORCHESTRATORS.labels(ready=state).set(
-            sum(1 for v in _ready_by_object.values() if v == state)
-        )
+    key = (namespace, name)
+    old = _ready_by_object.pop(key, None) if ready is None else _ready_by_object.get(key)
+    if ready is not None:
+        _ready_by_object[key] = ready
+    if old == ready:
+        return
+    for state, delta in ((old, -1), (ready, 1)):
+        if state is not None:
+            _ready_counts[state] = _ready_counts.get(state, 0) + delta
+            ORCHESTRATORS.labels(ready=state).set(_ready_counts[state])
 
 
 def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:

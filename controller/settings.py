@@ -9,12 +9,20 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from controller.pacing import MIN_PER_MINUTE
+
 ENV_GCP_ENDPOINT = "RUNWARDEN_GCP_ENDPOINT"
 ENV_RESYNC_SECONDS = "RUNWARDEN_RESYNC_SECONDS"
 ENV_AUDIT_SUBSCRIPTION = "RUNWARDEN_AUDIT_SUBSCRIPTION"
 ENV_OWN_PRINCIPAL = "RUNWARDEN_OWN_PRINCIPAL"
 ENV_FIGHT_THRESHOLD = "RUNWARDEN_FIGHT_THRESHOLD"
 ENV_FIGHT_WINDOW = "RUNWARDEN_FIGHT_WINDOW_SECONDS"
+ENV_READS_PER_MINUTE = "RUNWARDEN_READS_PER_MINUTE"
+ENV_WRITES_PER_MINUTE = "RUNWARDEN_WRITES_PER_MINUTE"
+# Per-region Cloud Run Admin API budgets: conservative, below Google's default per-region quotas,
+# leaving room for other clients of the same quota (deploys, gcloud, consoles).
+DEFAULT_READS_PER_MINUTE = 600
+DEFAULT_WRITES_PER_MINUTE = 60
 SUBSCRIPTION_RE = re.compile(r"^projects/[^/]+/subscriptions/[^/]+$")
 LOG_FORMATS = ("json", "console")
 
@@ -35,6 +43,9 @@ class Settings:
     audit_debounce: float = 1.0  # seconds to gather one service's entries before a check
     fight_threshold: int = 5  # > this many repairs of one service in the window: DriftFight
     fight_window: float = 600.0  # seconds
+    # Cloud Run Admin API calls per minute per region; None = unlimited (controller.pacing).
+    reads_per_minute: float | None = DEFAULT_READS_PER_MINUTE
+    writes_per_minute: float | None = DEFAULT_WRITES_PER_MINUTE
 
     @classmethod
     def from_cli(
@@ -73,6 +84,19 @@ class Settings:
                 window = float(raw) if raw else 600.0
             except ValueError:
                 parser.error(f"{ENV_FIGHT_WINDOW} must be a number of seconds")
+        budgets = {}
+        for name, flag, env_name, default in (
+            ("reads", args.reads_per_minute, ENV_READS_PER_MINUTE, DEFAULT_READS_PER_MINUTE),
+            ("writes", args.writes_per_minute, ENV_WRITES_PER_MINUTE, DEFAULT_WRITES_PER_MINUTE),
+        ):
+            given = flag if flag is not None else environ.get(env_name, "").strip()
+            try:
+                value = float(given) if given else float(default)
+            except ValueError:
+                parser.error(f"--{name}-per-minute / {env_name} must be a number")
+            if value != 0 and value < MIN_PER_MINUTE:
+                parser.error(f"--{name}-per-minute must be 0 (unlimited) or >= {MIN_PER_MINUTE:g}")
+            budgets[name] = value or None
         if threshold < 0 or not window > 0 or args.audit_debounce < 0:
             parser.error("--fight-threshold and --audit-debounce must be >= 0, --fight-window > 0")
         return cls(
@@ -89,6 +113,8 @@ class Settings:
             audit_debounce=args.audit_debounce,
             fight_threshold=threshold,
             fight_window=window,
+            reads_per_minute=budgets["reads"],
+            writes_per_minute=budgets["writes"],
         )
 
 
@@ -130,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=LOG_FORMATS,
         help="json (default when not on a terminal) or console (default on a terminal)",
+    )
+    budget = parser.add_argument_group(
+        "Cloud Run Admin API budgets (per region; checks slow down to stay within them)"
+    )
+    budget.add_argument(
+        "--reads-per-minute",
+        metavar="N",
+        help=f"read requests a minute per region (default {DEFAULT_READS_PER_MINUTE}; 0 = "
+        f"unlimited); env {ENV_READS_PER_MINUTE}",
+    )
+    budget.add_argument(
+        "--writes-per-minute",
+        metavar="N",
+        help=f"write requests a minute per region (default {DEFAULT_WRITES_PER_MINUTE}; 0 = "
+        f"unlimited); env {ENV_WRITES_PER_MINUTE}",
     )
     audit = parser.add_argument_group(
         "Cloud Audit Logs (repair within seconds; docs/audit-logs.md)"
