@@ -21,11 +21,10 @@ from cloudrun_emulator.testing import EmulatorProcess
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.reliability import harness
-from tests.reliability.harness import CanaryCollector, Figures, Target
+from tests.reliability.harness import FINAL_SCAN, CanaryCollector, Figures, Target
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / ".cache" / "reliability" / "last-run.md"
-FINAL_SCAN = "test_no_canary_anywhere_in_the_suite"
 
 _FIGURES = Figures()
 

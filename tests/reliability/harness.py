@@ -25,6 +25,8 @@ from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
 
 SOAK = os.environ.get("RUNWARDEN_SOAK") == "1"
+# The suite-wide canary scan (tests/reliability/test_secrets.py): the conftest runs it last.
+FINAL_SCAN = "test_no_canary_anywhere_in_the_suite"
 
 PROJECT = "runwarden-rel"
 REGION = "us-west2"

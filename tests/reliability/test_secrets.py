@@ -15,8 +15,8 @@ from cloudrun_emulator.testing import EmulatorProcess
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
-from tests.reliability.conftest import FINAL_SCAN
 from tests.reliability.harness import (
+    FINAL_SCAN,
     PROJECT,
     REGION,
     CanaryCollector,
