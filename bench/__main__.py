@@ -9,7 +9,7 @@ Sizes and durations come from the environment (defaults in brackets):
   BENCH_LATENCY_MS=20         emulator latency per call for scale and quota runs
   BENCH_QUOTA_N=1000          Orchestrators for quota pacing (0 = skip)
   BENCH_QUOTA_RPM=600         the emulator's read quota (and the controller's read budget)
-  BENCH_QUOTA_SECONDS=240     how long to watch the pacing (warm-up: BENCH_QUOTA_WARMUP=60)
+  BENCH_QUOTA_SECONDS=300     how long to watch the pacing (warm-up: BENCH_QUOTA_WARMUP=60)
   BENCH_OUT=bench/results     where latest.md and latest.png go
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def config_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> Conf
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so every controller, emulator and control plane is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg = config_from_env()
     out = Path(os.environ.get("BENCH_OUT") or REPO / "bench" / "results")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -8,6 +8,7 @@ says which goals are met, so one missed goal never hides the other numbers.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -38,8 +39,12 @@ from cloudrun_emulator.control import WRITE_METHODS
 from cloudrun_emulator.testing import EmulatorProcess
 from tests.fixtures.k8s import ControlPlane
 
-# Pacing settings for the controller under quota: the budget we give it equals the quota we set.
+# The controller's per-region Cloud Run budgets. Unlimited where the emulator has no quota (as
+# if the project's quota had been raised for that many services); under quota, the budget we
+# give it equals the quota we set.
 ENV_READS_PER_MINUTE = "RUNWARDEN_READS_PER_MINUTE"
+ENV_WRITES_PER_MINUTE = "RUNWARDEN_WRITES_PER_MINUTE"
+UNLIMITED = {ENV_READS_PER_MINUTE: "0", ENV_WRITES_PER_MINUTE: "0"}
 PERIOD_METRIC = "runwarden_effective_check_period_seconds"
 EXHAUSTED = "RESOURCE_EXHAUSTED"
 
@@ -55,10 +60,10 @@ class Config:
     scales: tuple[int, ...] = (100, 300, 1000)
     scale_resync: float = 30.0
     latency_ms: int = 20
-    steady_seconds: float = 20.0
+    steady_seconds: float = 0.0  # the steady-state window at scale; 0 = one resync period
     quota_n: int = 1000
     quota_rpm: int = 600
-    quota_seconds: float = 240.0
+    quota_seconds: float = 300.0
     quota_warmup: float = 60.0
     ready_timeout: float = 900.0
 
@@ -91,7 +96,7 @@ class Run:
             [namespace],
             self.work / f"{log_name}.log",
             resync,
-            extra_env=extra_env,
+            extra_env=extra_env if extra_env is not None else UNLIMITED,
         )
 
     def populate(self, what: str, n: int) -> tuple[str, list[str]]:
@@ -227,6 +232,8 @@ class Overhead:
     bare_cpu: float
     bare_checks: int
     bare_calls_per_check: float
+    floor_cpu: float = 0.0  # the bare script plus one status patch per check
+    floor_checks: int = 0
 
     @property
     def controller_ms(self) -> float:
@@ -237,8 +244,16 @@ class Overhead:
         return 1000 * self.bare_cpu / max(1, self.bare_checks)
 
     @property
+    def floor_ms(self) -> float:
+        return 1000 * self.floor_cpu / max(1, self.floor_checks)
+
+    @property
     def ratio(self) -> float:
         return self.controller_ms / self.bare_ms if self.bare_ms else float("inf")
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.controller_ms / self.floor_ms if self.floor_ms else float("inf")
 
 
 def overhead(run: Run, cfg: Config) -> Overhead:
@@ -267,17 +282,25 @@ def overhead(run: Run, cfg: Config) -> Overhead:
 
     admin.reset_calls()
     warmup = 5
-    out = subprocess.run(
-        [
-            sys.executable, "-m", "bench.bare", "--endpoint", run.emulator.grpc_endpoint,
-            "--project", PROJECT, "--region", REGION, "--rate", f"{rate:.3f}",
-            "--checks", str(checks), "--warmup", str(warmup), *names,
-        ],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=600,
-    )  # fmt: skip
-    bare = json.loads(out.stdout)
+
+    def bare_run(*extra: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [
+                sys.executable, "-m", "bench.bare", "--endpoint", run.emulator.grpc_endpoint,
+                "--project", PROJECT, "--region", REGION, "--rate", f"{rate:.3f}",
+                "--checks", str(checks), "--warmup", str(warmup), *extra, *names,
+            ],
+            cwd=REPO, capture_output=True, text=True, check=True, timeout=600,
+            env={**os.environ, "KUBECONFIG": run.plane.kubeconfig},
+        )  # fmt: skip
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    bare = bare_run()
     bare_calls = sum(_settle(run.emulator, quiet=0.5).values())
     run.say(f"overhead: bare {bare}")
+    floor = bare_run("--patch-status", ns)
+    run.say(f"overhead: bare + status patch {floor}")
     return Overhead(
         n=n,
         resync=cfg.overhead_resync,
@@ -288,6 +311,8 @@ def overhead(run: Run, cfg: Config) -> Overhead:
         bare_cpu=float(bare["cpu_seconds"]),
         bare_checks=int(bare["checks"]),
         bare_calls_per_check=bare_calls / (int(bare["checks"]) + warmup),
+        floor_cpu=float(floor["cpu_seconds"]),
+        floor_checks=int(floor["checks"]),
     )
 
 
@@ -341,7 +366,7 @@ def scale(run: Run, cfg: Config, n: int) -> tuple[Scale, tuple[str, list[str]]]:
         run.say(f"scale {n}: all repaired {t_repaired - td0:.1f}s after the drift")
 
         m0, s3 = ctl.metrics(), ctl.stat()
-        time.sleep(cfg.steady_seconds)
+        time.sleep(cfg.steady_seconds or cfg.scale_resync)
         m1, s4 = ctl.metrics(), ctl.stat()
         with watch.lock:
             ready_series = [(t - t0, k) for t, k in watch.ready_series if t >= t0]
@@ -450,7 +475,7 @@ def quota(run: Run, cfg: Config, reuse: tuple[str, list[str]] | None) -> Quota:
             watch.stop()
             ctl.stop()
 
-    budget_env = {ENV_READS_PER_MINUTE: str(cfg.quota_rpm)}
+    budget_env = {ENV_READS_PER_MINUTE: str(cfg.quota_rpm), ENV_WRITES_PER_MINUTE: "0"}
     admin.set_quota(reads_per_minute=cfg.quota_rpm)
     admin.reset_calls()
     ctl = run.controller(ns, resync=None, log_name=f"quota-{n}", extra_env=budget_env)
