@@ -37,6 +37,27 @@ QUOTA_BACKOFF = (5.0, 300.0)
 SLOW_CAP = 3600.0
 
 
+@dataclass(frozen=True)
+class Streak:
+    """Failed checks in a row of one retry class: the backoff's attempt number.
+
+    Each class keeps its own count, so the first quota refusal after a run of outages backs off
+    as a first quota refusal, not as the n-th failure of any kind. A success or a failure of
+    another class starts over.
+    """
+
+    retry: Retry | None = None  # the class of the failures counted; None after a success
+    count: int = 0
+
+    def after(self, failure: Failure | None) -> Streak:
+        """The streak once a check has ended with ``failure`` (None: it succeeded)."""
+        if failure is None:
+            return Streak()
+        if failure.retry is self.retry:
+            return Streak(failure.retry, self.count + 1)
+        return Streak(failure.retry, 1)
+
+
 @dataclass
 class DriftLoop:
     """The schedule and wake-up of one Orchestrator's checks."""
@@ -45,7 +66,7 @@ class DriftLoop:
     ref: ServiceRef | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     due: float = 0.0  # loop.time() of the next regular check; 0 = at once
-    failures: int = 0  # consecutive failed checks, for the backoff
+    streak: Streak = Streak()  # failed checks in a row (of one class), for the backoff
     last_write: WriteRecord = field(default_factory=WriteRecord)
     deleted: bool = False
     checks: int = 0  # completed checks since this process started
@@ -120,14 +141,11 @@ class DriftLoop:
         self.checks += 1
         if generation is not None:
             self.checked_generation = generation
-        if failure is None:
-            self.failures = 0
-        else:
-            self.failures += 1
+        self.streak = self.streak.after(failure)
         if failure is None and self.checks == 1:
             delay = first_delay(resync, rng)
         else:
-            delay = next_delay(resync, failure, self.failures, rng)
+            delay = next_delay(resync, failure, self.streak.count, rng)
         self.due = asyncio.get_running_loop().time() + delay
         return delay
 

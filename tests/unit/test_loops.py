@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from controller.loops import Registry, first_delay, next_delay
+from controller.loops import QUOTA_BACKOFF, DriftLoop, Registry, Streak, first_delay, next_delay
 from controller.model import Failure, Retry, ServiceRef
 
 REF = ServiceRef("my-project", "us-west2", "svc")
@@ -39,6 +39,46 @@ def test_quota_backs_off_harder_and_beyond_resync() -> None:
     rng = random.Random(3)
     assert next_delay(2, failure(Retry.QUOTA), 1, rng) >= 2.5
     assert next_delay(2, failure(Retry.QUOTA), 20, rng) >= 150
+
+
+@pytest.mark.parametrize(
+    ("checks", "want"),
+    [
+        pytest.param([], Streak(), id="fresh"),
+        pytest.param([Retry.TRANSIENT] * 3, Streak(Retry.TRANSIENT, 3), id="same-class-counts"),
+        pytest.param(
+            [Retry.TRANSIENT] * 6 + [Retry.QUOTA],
+            Streak(Retry.QUOTA, 1),
+            id="class-change-restarts",
+        ),
+        pytest.param(
+            [Retry.QUOTA, Retry.QUOTA, Retry.TRANSIENT, Retry.QUOTA],
+            Streak(Retry.QUOTA, 1),
+            id="interrupted-run-restarts",
+        ),
+        pytest.param([Retry.QUOTA, Retry.QUOTA, None], Streak(), id="success-resets"),
+        pytest.param([None, Retry.SLOWLY, Retry.SLOWLY], Streak(Retry.SLOWLY, 2), id="after-ok"),
+    ],
+)
+def test_failures_are_counted_per_retry_class(checks: list[Retry | None], want: Streak) -> None:
+    streak = Streak()
+    for retry in checks:
+        streak = streak.after(None if retry is None else failure(retry))
+    assert streak == want
+
+
+async def test_first_quota_refusal_after_transient_failures_backs_off_as_the_first() -> None:
+    """Six outages in a row, then a quota refusal: the first quota step (5-10 s), not 5 s * 2**6
+    capped at 300 s."""
+    loop_ = DriftLoop(("ns", "a"))
+    rng = random.Random(4)
+    for _ in range(6):
+        loop_.schedule(60, failure(Retry.TRANSIENT), rng)
+    delay = loop_.schedule(60, failure(Retry.QUOTA), rng)
+    first = QUOTA_BACKOFF[0]
+    assert first / 2 <= delay <= first, delay
+    assert first <= loop_.schedule(60, failure(Retry.QUOTA), rng) <= 2 * first
+    assert loop_.schedule(60, None, rng) >= 54  # success: back to the resync
 
 
 def test_spec_errors_wait_for_a_spec_change() -> None:
