@@ -9,7 +9,7 @@ Sizes and durations come from the environment (defaults in brackets):
   BENCH_LATENCY_MS=20         emulator latency per call for scale and quota runs
   BENCH_QUOTA_N=1000          Orchestrators for quota pacing (0 = skip)
   BENCH_QUOTA_RPM=600         the emulator's read quota (and the controller's read budget)
-  BENCH_QUOTA_SECONDS=300     how long to watch the pacing (warm-up: BENCH_QUOTA_WARMUP=60)
+  BENCH_QUOTA_SECONDS=240     how long to watch the pacing (warm-up: BENCH_QUOTA_WARMUP=60)
   BENCH_OUT=bench/results     where latest.md and latest.png go
 """
 

@@ -63,7 +63,7 @@ class Config:
     steady_seconds: float = 0.0  # the steady-state window at scale; 0 = one resync period
     quota_n: int = 1000
     quota_rpm: int = 600
-    quota_seconds: float = 300.0
+    quota_seconds: float = 240.0
     quota_warmup: float = 60.0
     ready_timeout: float = 900.0
 
