@@ -23,12 +23,15 @@ from google.protobuf import duration_pb2
 
 from controller import metrics
 from controller.model import (
+    ROLLOUT_ATTEMPT_ANNOTATION,
     EnvValue,
     Failure,
     Observed,
     Plan,
     Reason,
     Retry,
+    Rollout,
+    RolloutState,
     ServiceRef,
     SettingValue,
 )
@@ -204,13 +207,19 @@ class Gateway:
 
         Starts from the service exactly as observed, etag included, so a concurrent deploy by
         someone else makes this write fail with a conflict instead of silently reverting it.
+        A rollout retry sets the attempt annotation on the template, so Cloud Run makes a new
+        revision even where nothing else changes.
         """
         if observed.service_handle is None:
             raise ValueError("observed has no service to update")
-        service = copy.deepcopy(observed.service_handle)
+        service: Any = copy.deepcopy(observed.service_handle)
         container = _container(service, observed.container)
         _edit_env(container, plan.env_set, plan.env_remove)
         _edit_settings(service, container, plan.settings_set)
+        if plan.rollout_retry is not None:
+            service.template.annotations[ROLLOUT_ATTEMPT_ANNOTATION] = str(
+                plan.rollout_retry.attempt
+            )
         request = run_v2.UpdateServiceRequest(service=service)
         with _translate(f"service {observed.ref}"):
             operation = await self._call(
@@ -234,8 +243,10 @@ class Gateway:
                         f"the update of service {observed.ref} was superseded by another",
                         "ABORTED",
                     ) from exc
+                revision = _rolled_out_revision(operation)
                 raise RevisionFailed(
-                    f"the new revision of service {observed.ref} failed to become ready",
+                    f"{f'revision {revision}' if revision else 'the new revision'} of service "
+                    f"{observed.ref} failed to become ready; the previous revision keeps serving",
                     code=_code_name(error.code),
                 ) from exc
         return _observed(observed.ref, observed.container, result, observed.policy_handle)
@@ -444,9 +455,44 @@ def _observed(ref: ServiceRef, container: str, service: Any, policy: Any) -> Obs
         latest_ready_revision=pb.latest_ready_revision.rsplit("/", 1)[-1],
         generation=int(pb.generation),
         iam_etag=bytes(policy.etag) if policy is not None else b"",
+        rollout=_rollout(pb),
         service_handle=pb,
         policy_handle=policy,
     )
+
+
+def _rollout(service: Any) -> Rollout:
+    """The rollout as Cloud Run reports it. Failed: no longer reconciling, the terminal condition
+    failed, and the latest created revision is not the latest ready one (the older one serves).
+    A rollout still under way (reconciling) is never failed, whatever its conditions say."""
+    created = service.latest_created_revision.rsplit("/", 1)[-1]
+    ready = service.latest_ready_revision.rsplit("/", 1)[-1]
+    try:
+        attempt = int(service.template.annotations.get(ROLLOUT_ATTEMPT_ANNOTATION, "0"))
+    except ValueError:
+        attempt = 0  # not ours to read: the next retry starts over at 1
+    if service.reconciling:
+        state = RolloutState.IN_PROGRESS
+    elif (
+        created
+        and created != ready
+        and service.terminal_condition.state == run_v2.Condition.State.CONDITION_FAILED
+    ):
+        state = RolloutState.FAILED
+    else:
+        state = RolloutState.READY
+    return Rollout(state=state, latest_created_revision=created, attempt=max(0, attempt))
+
+
+def _rolled_out_revision(operation: Any) -> str:
+    """The revision an UpdateService operation rolled out ("" if it does not say): the
+    operation's metadata is the Service as the update left it."""
+    try:
+        service = operation.metadata
+    except (TypeError, ValueError):
+        return ""
+    name = getattr(service, "latest_created_revision", "") or ""
+    return str(name).rsplit("/", 1)[-1]
 
 
 def _settings(service: Any, container: Any) -> dict[str, SettingValue]:

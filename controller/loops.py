@@ -161,18 +161,23 @@ def next_delay(
     Healthy: resync, jittered ±10% so loops started together drift apart. Transient failures:
     capped exponential backoff with jitter, never longer than the resync (the regular check would
     come then anyway) nor than the cap. Quota: harder backoff, may exceed the resync — extra
-    reads would only burn more quota. A spec that can only be fixed by a new spec: never (the
-    spec change wakes the loop).
+    reads would only burn more quota. A write that keeps failing for good (a failed rollout):
+    from the resync up, doubling, up to an hour. A spec that can only be fixed by a new spec:
+    never (the spec change wakes the loop).
     """
     uniform = rng.uniform if rng is not None else random.uniform
     if failure is None or failure.retry is Retry.RESYNC:
         return resync * uniform(0.9, 1.1)
     if failure.retry is Retry.SPEC_CHANGE:
         return math.inf
+    if failure.retry is Retry.SLOWLY:
+        # Resync-scale and rarely correlated across Orchestrators (a failed rollout): jittered
+        # like the resync, so that each retry comes clearly later than the one before (x1.6 at
+        # least; 0.5..1 jitter could make two in a row nearly equal).
+        slow: float = min(max(resync, SLOW_CAP), resync * 2.0 ** max(0, attempt - 1))
+        return slow * uniform(0.9, 1.1)
     if failure.retry is Retry.QUOTA:
         first, cap = QUOTA_BACKOFF
-    elif failure.retry is Retry.SLOWLY:
-        first, cap = resync, max(resync, SLOW_CAP)
     else:
         first, cap = TRANSIENT_BACKOFF[0], min(resync, TRANSIENT_BACKOFF[1])
     base: float = min(cap, first * 2.0 ** max(0, attempt - 1))

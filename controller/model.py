@@ -16,6 +16,9 @@ SettingValue = int | str
 
 DEFAULT_ROLE = "roles/run.invoker"
 PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
+# Runwarden's revision-template annotation: a new value makes Cloud Run create a new revision from
+# an otherwise identical template (how a failed rollout is retried).
+ROLLOUT_ATTEMPT_ANNOTATION = "runwarden.dev/rollout-attempt"
 
 
 class Mode(enum.StrEnum):
@@ -44,6 +47,10 @@ class Aspect(enum.StrEnum):
     ENV = "env"
     INVOKERS = "invokers"
     SETTINGS = "settings"
+
+
+# The aspects the one UpdateService writes (and a failed rollout leaves not serving).
+SERVICE_ASPECTS = frozenset({Aspect.ENV, Aspect.SETTINGS})
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,36 @@ class Managed:
         return Managed(self.env | other.env, self.invokers | other.invokers)
 
 
+class RolloutState(enum.StrEnum):
+    """Where the service's latest revision stands (Cloud Run's reconciling / terminal condition)."""
+
+    READY = "ready"  # the latest created revision is ready (or there is nothing to tell)
+    IN_PROGRESS = "in-progress"  # a rollout is under way (Service.reconciling)
+    FAILED = "failed"  # the rollout finished and the latest created revision is not ready
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The service's rollout as observed: whether the template's newest revision serves."""
+
+    state: RolloutState = RolloutState.READY
+    latest_created_revision: str = ""  # short name, e.g. svc-00007-xyz
+    attempt: int = 0  # the template's ROLLOUT_ATTEMPT_ANNOTATION (0 = none, or not a number)
+
+    @property
+    def failed(self) -> bool:
+        return self.state is RolloutState.FAILED
+
+
+@dataclass(frozen=True)
+class RolloutRetry:
+    """Write the template again with ROLLOUT_ATTEMPT_ANNOTATION set to ``attempt``: Cloud Run
+    makes a new revision only when the template changes."""
+
+    failed_revision: str  # the revision that failed (for messages)
+    attempt: int
+
+
 @dataclass(frozen=True)
 class Observed:
     """What GCP holds for one service, in the CRD's vocabulary.
@@ -134,6 +171,7 @@ class Observed:
     latest_ready_revision: str = ""
     generation: int = 0
     iam_etag: bytes = b""
+    rollout: Rollout = Rollout()
     service_handle: object = field(default=None, compare=False, repr=False)
     policy_handle: object = field(default=None, compare=False, repr=False)
 
@@ -176,10 +214,15 @@ class Plan:
     invokers_remove: frozenset[str] = frozenset()
     changes: tuple[Change, ...] = ()
     managed: Managed = Managed()  # status.managed once the plan is applied
+    # The latest revision failed: the UpdateService also retries the rollout (even if it changes
+    # nothing else).
+    rollout_retry: RolloutRetry | None = None
 
     @property
     def touches_service(self) -> bool:
-        return bool(self.env_set or self.env_remove or self.settings_set)
+        return bool(
+            self.env_set or self.env_remove or self.settings_set or self.rollout_retry is not None
+        )
 
     @property
     def touches_iam(self) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 
 from controller.model import (
+    SERVICE_ASPECTS,
     Aspect,
     Change,
     ChangeKind,
@@ -21,6 +22,8 @@ from controller.model import (
     Managed,
     Observed,
     Plan,
+    Rollout,
+    RolloutRetry,
     SettingValue,
 )
 
@@ -29,7 +32,9 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
     """The writes that make ``observed`` hold ``desired``, given what this Orchestrator owns.
 
     Merge env / Additive invokers never remove anything outside ``managed``; Authoritative modes
-    remove everything undeclared (for invokers: within ``desired.role`` only).
+    remove everything undeclared (for invokers: within ``desired.role`` only). When the service's
+    latest revision failed, the UpdateService also retries the rollout with the next attempt
+    number, even if nothing else needs writing: the template holds the spec but does not serve.
     """
     changes: list[Change] = []
 
@@ -77,7 +82,15 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
         invokers_remove=frozenset(invokers_remove),
         changes=tuple(sorted(changes)),
         managed=Managed(env=frozenset(desired.env), invokers=desired.invokers),
+        rollout_retry=rollout_retry(observed.rollout),
     )
+
+
+def rollout_retry(rollout: Rollout) -> RolloutRetry | None:
+    """A failed rollout is retried with the next attempt number; one in progress is left alone."""
+    if not rollout.failed:
+        return None
+    return RolloutRetry(rollout.latest_created_revision, rollout.attempt + 1)
 
 
 def revoke_plan(observed: Observed, role: str, managed: Managed) -> Plan:
@@ -105,6 +118,7 @@ def restrict(p: Plan, aspects: frozenset[Aspect]) -> Plan:
         invokers_add=p.invokers_add if Aspect.INVOKERS in aspects else frozenset(),
         invokers_remove=p.invokers_remove if Aspect.INVOKERS in aspects else frozenset(),
         changes=tuple(c for c in p.changes if c.aspect in aspects),
+        rollout_retry=p.rollout_retry if aspects & SERVICE_ASPECTS else None,
     )
 
 
@@ -132,7 +146,11 @@ def simulate(observed: Observed, p: Plan) -> Observed:
         bindings[p.role] = members
     else:
         bindings.pop(p.role, None)
-    return replace(observed, env=env, settings=settings, bindings=bindings)
+    rollout = observed.rollout
+    if p.touches_service:  # a successful UpdateService: its new revision serves
+        attempt = p.rollout_retry.attempt if p.rollout_retry is not None else rollout.attempt
+        rollout = Rollout(attempt=attempt)
+    return replace(observed, env=env, settings=settings, bindings=bindings, rollout=rollout)
 
 
 def setting_equal(key: str, want: SettingValue, have: SettingValue) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from controller.gateway import Gateway, GatewayError, ServiceAccountMissing
 from controller.model import (
+    SERVICE_ASPECTS,
     Aspect,
     Change,
     Condition,
@@ -118,17 +119,22 @@ def _in_sync(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
 
 def _report_only(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
     """Observe mode: the same plan, reported, never applied."""
-    pending = tuple(p.lines())
+    drift = tuple(p.lines())
+    pending = drift
+    retry = p.rollout_retry
+    if retry is not None:
+        pending += (f"rollout retry (revision {retry.failed_revision} failed)",)
     if not pending:
         update = _in_sync(p, observed, prior)
         return replace(update, managed=None)
+    news = pending != prior.pending
     events: tuple[Event, ...] = ()
-    if pending != prior.pending:
+    if news and drift:
         events = (
             Event(
                 "Warning",
                 Reason.DRIFT_DETECTED,
-                f"Observe mode, not repairing: {_summary(pending)}",
+                f"Observe mode, not repairing: {_summary(drift)}",
             ),
         )
     aspects = {
@@ -139,20 +145,35 @@ def _report_only(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
         )
         for a in Aspect
     }
+    ready = Condition(
+        "Ready",
+        False,
+        Reason.DRIFT_DETECTED,
+        f"{len(pending)} change(s) pending, not applied in Observe mode",
+    )
+    if retry is not None:
+        failed = _revision_failed(observed, retry.failed_revision, "not retried in Observe mode")
+        ready = Condition("Ready", False, failed.reason, failed.message)
+        for a in SERVICE_ASPECTS - p.aspects:
+            aspects[a] = Condition(CONDITION_TYPES[a], False, failed.reason, failed.message)
     return StatusUpdate(
-        ready=Condition(
-            "Ready",
-            False,
-            Reason.DRIFT_DETECTED,
-            f"{len(pending)} change(s) pending, not applied in Observe mode",
-        ),
+        ready=ready,
         aspects=aspects,
         checked=True,
         uri=observed.uri,
         latest_ready_revision=observed.latest_ready_revision,
         pending=pending,
-        drift=DriftReport(detected=pending if pending != prior.pending else ()),
+        drift=DriftReport(detected=drift if news else ()),
         events=events,
+    )
+
+
+def _revision_failed(observed: Observed, revision: str, then: str) -> Failure:
+    return Failure(
+        Reason.REVISION_FAILED,
+        f"revision {revision} of service {observed.ref} failed to become ready and the previous "
+        f"revision keeps serving; {then}",
+        Retry.SLOWLY,
     )
 
 
@@ -175,7 +196,10 @@ async def _enforce(
     written: set[Aspect] = set()
     after = observed
     if p.touches_service:
-        service_aspects = p.aspects & {Aspect.ENV, Aspect.SETTINGS}
+        service_aspects = p.aspects & SERVICE_ASPECTS
+        if p.rollout_retry is not None:
+            # The template holds env and settings, yet the revision made of it does not serve.
+            service_aspects = SERVICE_ASPECTS
         try:
             after = await gw.update_service(observed, p)
             written |= service_aspects

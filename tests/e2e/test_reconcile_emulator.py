@@ -6,6 +6,8 @@ each reconcile. The full path through kopf and the apiserver is in test_controll
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,7 +16,8 @@ import pytest
 from cloudrun_emulator.testing import EmulatorProcess
 from controller.clients import make_clients
 from controller.gateway import Gateway
-from controller.model import Aspect, Desired, Managed, StatusUpdate
+from controller.model import Aspect, Desired, Managed, RolloutState, StatusUpdate
+from controller.plan import plan
 from controller.reconcile import Prior, reconcile, revoke
 from controller.spec import parse
 
@@ -251,3 +254,91 @@ async def test_failed_rollout_is_revision_failed(fresh_emulator: EmulatorProcess
     assert update.aspects[Aspect.ENV].reason == "RevisionFailed", update.aspects
     assert not update.ready.status
     assert "UpdateFailed" in [e.reason for e in update.events]
+
+
+def writes_in(calls: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in calls.items() if k in WRITES}
+
+
+@pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 100}], indirect=True)
+async def test_failed_rollout_is_retried_with_a_new_revision_until_it_serves(
+    fresh_emulator: EmulatorProcess,
+) -> None:
+    admin = fresh_emulator.admin
+    admin.put_service_account(SA)
+    admin.put_service(PROJECT, REGION, "retry", env={})
+    desired = parse(spec("retry"))
+    clients = make_clients(fresh_emulator.grpc_endpoint)
+    try:
+        gw = Gateway(clients, rollout_timeout=30)
+        admin.set_faults(fail_next_revision=True)
+        first = await reconcile(gw, desired, Managed(), Prior())
+        svc = admin.get_service(PROJECT, REGION, "retry")
+        assert first.ready.reason == "RevisionFailed", first.ready
+        assert svc["latestCreatedRevision"] in first.ready.message
+        assert first.managed is not None
+
+        # Still broken: the template holds the spec, yet the next check retries the rollout in
+        # one UpdateService that makes a new revision (which fails too).
+        admin.set_faults(fail_next_revision=True)
+        before = admin.calls()
+        second = await reconcile(gw, desired, first.managed, prior_after(first))
+        after = admin.get_service(PROJECT, REGION, "retry")
+        assert writes_in(delta(before, admin.calls())) == {f"{RUN}UpdateService": 1}
+        assert not second.ready.status and second.ready.reason == "RevisionFailed"
+        assert second.aspects[Aspect.ENV].reason == "RevisionFailed"
+        assert after["latestCreatedRevision"] not in (svc["latestCreatedRevision"], None)
+        assert after["latestCreatedRevision"] in second.ready.message
+        assert after["latestReadyRevision"] == svc["latestReadyRevision"]  # the old one serves
+        assert second.latest_ready_revision == svc["latestReadyRevision"]
+
+        admin.clear_faults()
+        third = await reconcile(gw, desired, first.managed, prior_after(second))
+        served = admin.get_service(PROJECT, REGION, "retry")
+        assert third.ready.status, third.ready
+        assert served["latestReadyRevision"] == served["latestCreatedRevision"]
+        assert served["ready"] == "CONDITION_SUCCEEDED"
+        assert served["env"] == {"GCP_PROJECT_ID": PROJECT, "MODE": "prod"}
+        assert third.latest_ready_revision == served["latestReadyRevision"]
+
+        before = admin.calls()
+        fourth = await reconcile(gw, desired, first.managed, prior_after(third))
+        assert fourth.ready.reason == "Synced"
+        assert delta(before, admin.calls()) == {f"{RUN}GetService": 1, f"{RUN}GetIamPolicy": 1}
+    finally:
+        await clients.close()
+
+
+@pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 1500}], indirect=True)
+async def test_rollout_in_progress_is_not_failed(fresh_emulator: EmulatorProcess) -> None:
+    """Someone else's rollout under way: the template holds the spec and nothing is retried."""
+    admin = fresh_emulator.admin
+    admin.put_service_account(SA)
+    admin.put_service(PROJECT, REGION, "progress", env={})
+    desired = parse(spec("progress"))
+    clients = make_clients(fresh_emulator.grpc_endpoint)
+    try:
+        writer = Gateway(clients, rollout_timeout=30)
+        first = await reconcile(writer, desired, Managed(), Prior())
+        assert first.ready.status and first.managed is not None
+        # A deploy of another variable, through the API, still rolling out.
+        observed = await writer.observe(desired.ref, "")
+        other = parse(spec("progress", env=[{"name": "OTHER", "value": "x"}]))
+        rolling = asyncio.ensure_future(
+            writer.update_service(observed, plan(other, observed, Managed()))
+        )
+        deadline = time.monotonic() + 10
+        while not admin.get_service(PROJECT, REGION, "progress")["reconciling"]:
+            assert time.monotonic() < deadline, "the rollout never started"
+            await asyncio.sleep(0.02)
+
+        seen = await writer.observe(desired.ref, "")
+        assert seen.rollout.state is RolloutState.IN_PROGRESS
+        assert seen.rollout.latest_created_revision != seen.latest_ready_revision
+        before = admin.calls()
+        during = await reconcile(writer, desired, first.managed, prior_after(first))
+        assert writes_in(delta(before, admin.calls())) == {}
+        assert during.ready.status and during.ready.reason == "Synced"
+        await rolling
+    finally:
+        await clients.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 
@@ -79,6 +80,17 @@ async def test_first_quota_refusal_after_transient_failures_backs_off_as_the_fir
     assert first / 2 <= delay <= first, delay
     assert first <= loop_.schedule(60, failure(Retry.QUOTA), rng) <= 2 * first
     assert loop_.schedule(60, None, rng) >= 54  # success: back to the resync
+
+
+def test_slow_backoff_doubles_from_the_resync_each_retry_later() -> None:
+    """A failed rollout is retried after the resync, then twice that, ...: each retry clearly
+    later than the one before, up to an hour."""
+    rng = random.Random(5)
+    for _ in range(200):
+        delays = [next_delay(2, failure(Retry.SLOWLY), n, rng) for n in range(1, 8)]
+        assert 1.8 <= delays[0] <= 2.2
+        assert all(b >= 1.6 * a for a, b in itertools.pairwise(delays)), delays
+    assert 3240 <= next_delay(60, failure(Retry.SLOWLY), 30, rng) <= 3960
 
 
 def test_spec_errors_wait_for_a_spec_change() -> None:

@@ -17,6 +17,9 @@ from controller.model import (
     Managed,
     Observed,
     Policy,
+    Rollout,
+    RolloutRetry,
+    RolloutState,
     ServiceRef,
 )
 from controller.plan import (
@@ -60,6 +63,7 @@ def observed(
     env: dict[str, EnvValue] | None = None,
     bindings: dict[str, frozenset[str]] | None = None,
     settings: dict[str, int | str] | None = None,
+    rollout: Rollout | None = None,
 ) -> Observed:
     return Observed(
         ref=REF,
@@ -67,7 +71,11 @@ def observed(
         env=env or {},
         settings=settings or {},
         bindings=bindings or {},
+        rollout=rollout or Rollout(),
     )
+
+
+FAILED = Rollout(RolloutState.FAILED, "svc-00002-abc")
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -277,6 +285,51 @@ def test_restrict_and_without_members() -> None:
     assert SA not in " ".join(q.lines())
 
 
+@pytest.mark.parametrize(
+    ("rollout", "want"),
+    [
+        pytest.param(Rollout(), None, id="ready"),
+        pytest.param(
+            Rollout(RolloutState.IN_PROGRESS, "svc-00002-abc"), None, id="in-progress-is-left"
+        ),
+        pytest.param(FAILED, RolloutRetry("svc-00002-abc", 1), id="failed-first-retry"),
+        pytest.param(
+            Rollout(RolloutState.FAILED, "svc-00009-xyz", attempt=3),
+            RolloutRetry("svc-00009-xyz", 4),
+            id="failed-next-attempt",
+        ),
+    ],
+)
+def test_failed_rollout_is_retried_even_when_the_template_holds_the_spec(
+    rollout: Rollout, want: RolloutRetry | None
+) -> None:
+    d = desired(env={"A": lit("1")}, settings={"maxInstances": 3})
+    o = observed(env={"A": lit("1")}, settings={"maxInstances": 3}, rollout=rollout)
+    p = plan(d, o, Managed(env=frozenset({"A"})))
+    assert p.rollout_retry == want
+    assert p.changes == ()  # nothing drifted: the template holds the spec
+    assert p.touches_service is (want is not None)
+    assert p.empty is (want is None)
+    assert not p.touches_iam
+
+
+def test_rollout_retry_rides_along_with_drift_in_one_update() -> None:
+    p = plan(desired(env={"A": lit("2")}), observed(env={"A": lit("1")}, rollout=FAILED), Managed())
+    assert p.rollout_retry == RolloutRetry("svc-00002-abc", 1)
+    assert p.lines() == ["env A changed"]
+    assert restrict(p, frozenset({Aspect.SETTINGS})).rollout_retry == p.rollout_retry
+    assert restrict(p, frozenset({Aspect.INVOKERS})).rollout_retry is None
+
+
+def test_a_served_retry_plans_nothing_more() -> None:
+    d = desired(env={"A": lit("1")})
+    o = observed(env={"A": lit("1")}, rollout=replace(FAILED, attempt=2))
+    first = plan(d, o, Managed())
+    after = simulate(o, first)
+    assert after.rollout == Rollout(attempt=3)
+    assert plan(d, after, first.managed).empty
+
+
 def test_managed_after_failed_aspect_keeps_old_and_new() -> None:
     p = plan(
         desired(env={"NEW": lit("1")}),
@@ -321,6 +374,12 @@ setting_maps = st.fixed_dictionaries(
 env_policies = st.sampled_from(list(EnvPolicy))
 invoker_policies = st.sampled_from(list(InvokerPolicy))
 manageds = st.builds(Managed, env=st.frozensets(names), invokers=members)
+rollouts = st.builds(
+    Rollout,
+    state=st.sampled_from(list(RolloutState)),
+    latest_created_revision=st.sampled_from(["", "svc-00003-abc"]),
+    attempt=st.integers(0, 3),
+)
 
 
 @st.composite
@@ -332,7 +391,12 @@ def scenarios(draw: st.DrawFn) -> tuple[Desired, Observed, Managed]:
         env_policy=draw(env_policies),
         invoker_policy=draw(invoker_policies),
     )
-    o = observed(env=draw(envs), bindings=draw(bindings), settings=draw(setting_maps))
+    o = observed(
+        env=draw(envs),
+        bindings=draw(bindings),
+        settings=draw(setting_maps),
+        rollout=draw(rollouts),
+    )
     return d, o, draw(manageds)
 
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from controller.gateway import Unavailable
-from controller.model import Aspect, EnvValue, Managed, Observed, Plan, ServiceRef
+from controller.gateway import RevisionFailed, Unavailable
+from controller.model import (
+    Aspect,
+    EnvValue,
+    Managed,
+    Observed,
+    Plan,
+    Retry,
+    Rollout,
+    RolloutState,
+    ServiceRef,
+)
 from controller.plan import simulate
 from controller.reconcile import Prior, reconcile
 from controller.spec import parse
@@ -22,11 +32,19 @@ SPEC = {
 class FakeGateway:
     """Holds one service in memory; writes can be made to fail or to silently not stick."""
 
-    def __init__(self, *, sticky: bool = True, iam_error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        sticky: bool = True,
+        iam_error: Exception | None = None,
+        update_error: Exception | None = None,
+    ) -> None:
         self.state = Observed(ref=REF, container="", env={}, settings={}, bindings={})
         self.sticky = sticky
         self.iam_error = iam_error
+        self.update_error = update_error
         self.calls: list[str] = []
+        self.updates: list[Plan] = []
 
     async def observe(self, ref: ServiceRef, container: str) -> Observed:
         self.calls += ["GetService", "GetIamPolicy"]
@@ -42,6 +60,9 @@ class FakeGateway:
 
     async def update_service(self, observed: Observed, plan: Plan) -> Observed:
         self.calls.append("UpdateService")
+        self.updates.append(plan)
+        if self.update_error is not None:
+            raise self.update_error
         if self.sticky:
             self.state = simulate(
                 self.state, replace(plan, invokers_add=frozenset(), invokers_remove=frozenset())
@@ -97,3 +118,69 @@ async def test_spec_change_is_synced_not_drift_and_drift_is_counted() -> None:
     assert second.ready.reason == "DriftRepaired"
     assert second.drift.repaired and second.drift.aspects == {Aspect.ENV}
     assert second.drift.detected == ("env A missing",)
+
+
+FAILED_ROLLOUT = Rollout(RolloutState.FAILED, "svc-00002-abc", attempt=1)
+
+
+def holding_the_spec(rollout: Rollout, **kw: Any) -> FakeGateway:
+    """A service whose template holds SPEC, with ``rollout`` as its rollout state."""
+    gw = FakeGateway(**kw)
+    gw.state = replace(
+        gw.state,
+        env={"A": EnvValue.literal("1")},
+        bindings={"roles/run.invoker": frozenset({"user:a@example.com"})},
+        rollout=rollout,
+    )
+    return gw
+
+
+SYNCED = Prior(synced=frozenset(Aspect), ready=True)
+OWNED = Managed(env=frozenset({"A"}), invokers=frozenset({"user:a@example.com"}))
+
+
+async def test_failed_rollout_is_retried_in_one_update_and_recovers() -> None:
+    gw = holding_the_spec(FAILED_ROLLOUT)
+    update = await reconcile(gw, parse(SPEC), OWNED, SYNCED)  # type: ignore[arg-type]
+    assert gw.calls.count("UpdateService") == 1 and "SetIamPolicy" not in gw.calls
+    (written,) = gw.updates
+    assert written.rollout_retry is not None and written.rollout_retry.attempt == 2
+    assert update.ready.status and update.failure is None, update.ready
+    assert update.wrote.generation is not None
+    assert gw.state.rollout.state is RolloutState.READY
+    gw.calls.clear()
+    again = await reconcile(gw, parse(SPEC), OWNED, SYNCED)  # type: ignore[arg-type]
+    assert again.ready.reason == "Synced" and gw.calls == ["GetService", "GetIamPolicy"]
+
+
+async def test_failed_rollout_whose_retry_fails_is_revision_failed_with_slow_backoff() -> None:
+    error = RevisionFailed("revision svc-00003-def of service x failed to become ready")
+    gw = holding_the_spec(FAILED_ROLLOUT, update_error=error)
+    update = await reconcile(gw, parse(SPEC), OWNED, SYNCED)  # type: ignore[arg-type]
+    assert gw.calls.count("UpdateService") == 1
+    assert not update.ready.status and update.ready.reason == "RevisionFailed"
+    assert "svc-00003-def" in update.ready.message
+    for aspect in (Aspect.ENV, Aspect.SETTINGS):
+        assert update.aspects[aspect].reason == "RevisionFailed"
+    assert update.aspects[Aspect.INVOKERS].status
+    assert update.failure is not None and update.failure.retry is Retry.SLOWLY
+    assert [e.reason for e in update.events] == ["UpdateFailed"]
+    assert update.managed == OWNED  # nothing given up
+
+
+async def test_rollout_in_progress_is_not_failed() -> None:
+    gw = holding_the_spec(Rollout(RolloutState.IN_PROGRESS, "svc-00002-abc"))
+    update = await reconcile(gw, parse(SPEC), OWNED, SYNCED)  # type: ignore[arg-type]
+    assert update.ready.status and update.ready.reason == "Synced"
+    assert gw.calls == ["GetService", "GetIamPolicy"]
+
+
+async def test_failed_rollout_in_observe_mode_is_reported_not_retried() -> None:
+    gw = holding_the_spec(FAILED_ROLLOUT)
+    spec = {**SPEC, "policy": {"mode": "Observe"}}
+    update = await reconcile(gw, parse(spec), OWNED, SYNCED)  # type: ignore[arg-type]
+    assert gw.calls == ["GetService", "GetIamPolicy"]
+    assert not update.ready.status and update.ready.reason == "RevisionFailed"
+    assert "svc-00002-abc" in update.ready.message
+    assert update.pending == ("rollout retry (revision svc-00002-abc failed)",)
+    assert update.drift.detected == () and update.events == ()  # not drift
