@@ -300,11 +300,11 @@ async def _check(
         history, update, generation, datetime.now(UTC), current=live_status
     )
     loop.written.update(status_patch)
-    for event in update.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if update.wrote.generation is not None or update.wrote.iam_etag is not None:
         loop.last_write = update.wrote
     delay = loop.schedule(period, update.failure, generation=generation)
+    for event in loop.events_to_post(update.events):
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
     result = _result(update, desired)
     metrics.RECONCILES.labels(result=result).inc()

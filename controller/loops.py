@@ -23,11 +23,11 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.model import Failure, Retry, ServiceRef, WriteRecord
+from controller.model import Event, Failure, Retry, ServiceRef, WriteRecord
 
 ObjectKey = tuple[str, str]  # (namespace, name)
 
@@ -58,6 +58,28 @@ class Streak:
         return Streak(failure.retry, 1)
 
 
+WarningKey = tuple[str, str]  # (reason, message) of a Warning Event
+
+
+def warnings_to_post(
+    events: Iterable[Event], warned: frozenset[WarningKey], streak: Streak
+) -> tuple[tuple[Event, ...], frozenset[WarningKey]]:
+    """The Events of a check worth posting, and the Warnings to remember for the next check.
+
+    A Warning identical (reason and message) to one of the previous check's is not posted again
+    on every retry of a failure that persists, only on a rising schedule: at the 2nd, 4th, 8th,
+    ... failure in a row (``streak``), so a week of PermissionDenied posts a dozen Events, not
+    thousands. A changed reason or message, and every Normal Event, is posted at once.
+    """
+    events = tuple(events)
+    current = frozenset((e.reason, e.message) for e in events if e.type == "Warning")
+    rising = streak.count > 0 and streak.count & (streak.count - 1) == 0  # a power of two
+    post = tuple(
+        e for e in events if e.type != "Warning" or rising or (e.reason, e.message) not in warned
+    )
+    return post, current
+
+
 @dataclass
 class DriftLoop:
     """The schedule and wake-up of one Orchestrator's checks."""
@@ -67,6 +89,7 @@ class DriftLoop:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     due: float = 0.0  # loop.time() of the next regular check; 0 = at once
     streak: Streak = Streak()  # failed checks in a row (of one class), for the backoff
+    warned: frozenset[WarningKey] = frozenset()  # the Warning Events of the last check
     last_write: WriteRecord = field(default_factory=WriteRecord)
     deleted: bool = False
     checks: int = 0  # completed checks since this process started
@@ -113,6 +136,12 @@ class DriftLoop:
         self._event.clear()
         return reasons
 
+    def events_to_post(self, events: Iterable[Event]) -> tuple[Event, ...]:
+        """The check's Events minus Warnings repeated from the last check (see
+        ``warnings_to_post``); call after ``schedule``, which counts the streak."""
+        post, self.warned = warnings_to_post(events, self.warned, self.streak)
+        return post
+
     def _drop_seen_wakes(self) -> None:
         """Forget spec wakes for a generation the last check already read."""
         seen = self.checked_generation
@@ -140,6 +169,10 @@ class DriftLoop:
         returns the delay in seconds."""
         self.checks += 1
         if generation is not None:
+            if self.checked_generation is not None and generation != self.checked_generation:
+                # A new spec: its failures (and their Events) start over.
+                self.streak = Streak()
+                self.warned = frozenset()
             self.checked_generation = generation
         self.streak = self.streak.after(failure)
         if failure is None and self.checks == 1:
@@ -161,19 +194,22 @@ def next_delay(
     Healthy: resync, jittered ±10% so loops started together drift apart. Transient failures:
     capped exponential backoff with jitter, never longer than the resync (the regular check would
     come then anyway) nor than the cap. Quota: harder backoff, may exceed the resync — extra
-    reads would only burn more quota. A write that keeps failing for good (a failed rollout):
-    from the resync up, doubling, up to an hour. A spec that can only be fixed by a new spec:
-    never (the spec change wakes the loop).
+    reads would only burn more quota. A write that keeps failing for good (a failed rollout), and
+    what only someone else can fix (ServiceNotFound, ServiceAccountNotFound, PermissionDenied):
+    from the resync up, doubling per failure in a row, up to an hour (a success or a spec
+    change starts over; the spec change also wakes the loop at once). A spec that can only be
+    fixed by a new spec: never (the spec change wakes the loop).
     """
     uniform = rng.uniform if rng is not None else random.uniform
-    if failure is None or failure.retry is Retry.RESYNC:
+    if failure is None:
         return resync * uniform(0.9, 1.1)
     if failure.retry is Retry.SPEC_CHANGE:
         return math.inf
-    if failure.retry is Retry.SLOWLY:
-        # Resync-scale and rarely correlated across Orchestrators (a failed rollout): jittered
-        # like the resync, so that each retry comes clearly later than the one before (x1.6 at
-        # least; 0.5..1 jitter could make two in a row nearly equal).
+    if failure.retry in (Retry.SLOWLY, Retry.RESYNC):
+        # Resync-scale and rarely correlated across Orchestrators (a failed rollout, a missing
+        # service or account, a denied permission: someone has to act): jittered like the
+        # resync, so that each retry comes clearly later than the one before (x1.6 at least;
+        # 0.5..1 jitter could make two in a row nearly equal).
         slow: float = min(max(resync, SLOW_CAP), resync * 2.0 ** max(0, attempt - 1))
         return slow * uniform(0.9, 1.1)
     if failure.retry is Retry.QUOTA:

@@ -305,7 +305,7 @@ class Retry(enum.StrEnum):
 
     TRANSIENT = "transient"  # outage or conflict: capped exponential backoff, shorter than resync
     QUOTA = "quota"  # quota exceeded: back off harder
-    RESYNC = "resync"  # needs someone to act (service, SA, permission): the regular resync
+    RESYNC = "resync"  # needs someone to act (service, SA, permission): from resync, doubling
     SLOWLY = "slowly"  # a write keeps failing for good (rollout failed): back off beyond resync
     SPEC_CHANGE = "spec-change"  # only a new spec can help
 

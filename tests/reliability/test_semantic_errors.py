@@ -222,12 +222,6 @@ def escaped(line: Mapping[str, Any]) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="controller: ServiceNotFound, ServiceAccountNotFound and PermissionDenied are "
-    "Retry.RESYNC, retried at the flat resync period forever (and each denied write posts "
-    "another UpdateFailed Event); the issue asks for a backoff whose retries slow down",
-)
 def test_semantic_error_retries_slow_down(observed: Observation) -> None:
     slowing = {}
     for key, times in observed.attempts.items():

@@ -9,8 +9,17 @@ import random
 
 import pytest
 
-from controller.loops import QUOTA_BACKOFF, DriftLoop, Registry, Streak, first_delay, next_delay
-from controller.model import Failure, Retry, ServiceRef
+from controller.loops import (
+    QUOTA_BACKOFF,
+    SLOW_CAP,
+    DriftLoop,
+    Registry,
+    Streak,
+    first_delay,
+    next_delay,
+    warnings_to_post,
+)
+from controller.model import Event, Failure, Retry, ServiceRef
 
 REF = ServiceRef("my-project", "us-west2", "svc")
 
@@ -97,8 +106,65 @@ def test_spec_errors_wait_for_a_spec_change() -> None:
     assert math.isinf(next_delay(60, failure(Retry.SPEC_CHANGE), 1))
 
 
-def test_resync_failures_keep_the_period() -> None:
-    assert 54 <= next_delay(60, failure(Retry.RESYNC), 9) <= 66
+@pytest.mark.parametrize("resync", [2.0, 60.0])
+def test_failures_someone_must_fix_back_off_from_the_resync(resync: float) -> None:
+    """ServiceNotFound, ServiceAccountNotFound, PermissionDenied: the first retry after the
+    resync, then each clearly later than the one before, up to an hour, jittered."""
+    rng = random.Random(6)
+    for _ in range(200):
+        delays = [next_delay(resync, failure(Retry.RESYNC), n, rng) for n in range(1, 6)]
+        assert 0.9 * resync <= delays[0] <= 1.1 * resync
+        assert all(b >= 1.6 * a for a, b in itertools.pairwise(delays)), delays
+    capped = [next_delay(resync, failure(Retry.RESYNC), 40, rng) for _ in range(200)]
+    assert all(0.9 * SLOW_CAP <= d <= 1.1 * SLOW_CAP for d in capped)
+    assert len({round(d, 3) for d in capped}) > 100  # jittered
+
+
+async def test_resync_class_backoff_resets_on_success_and_on_a_spec_change() -> None:
+    rng = random.Random(7)
+    loop_ = DriftLoop(("ns", "a"))
+    loop_.schedule(2, None, rng, generation=1)
+    denied = failure(Retry.RESYNC)
+    delays = [loop_.schedule(2, denied, rng, generation=1) for _ in range(4)]
+    assert loop_.streak == Streak(Retry.RESYNC, 4)
+    assert delays[-1] >= 12  # 2 s * 2**3, -10 %
+    assert 1.8 <= loop_.schedule(2, denied, rng, generation=2) <= 2.2  # a new spec
+    assert loop_.streak == Streak(Retry.RESYNC, 1)
+    loop_.schedule(2, denied, rng, generation=2)
+    assert loop_.schedule(2, None, rng, generation=2) <= 2.2  # success
+    assert 1.8 <= loop_.schedule(2, denied, rng, generation=2) <= 2.2
+
+
+def test_a_repeated_warning_is_posted_on_a_rising_schedule_only() -> None:
+    denied = Event("Warning", "UpdateFailed", "SetIamPolicy: permission denied")
+    synced = Event("Normal", "Synced", "the service holds the spec")
+    warned: frozenset[tuple[str, str]] = frozenset()
+    posted = []
+    for n in range(1, 18):
+        post, warned = warnings_to_post([denied], warned, Streak(Retry.RESYNC, n))
+        if post:
+            posted.append(n)
+    assert posted == [1, 2, 4, 8, 16]
+    # A changed message, or a Normal Event, is posted at once.
+    other = Event("Warning", "UpdateFailed", "SetIamPolicy: not found")
+    post, warned = warnings_to_post([other, synced], warned, Streak(Retry.RESYNC, 17))
+    assert post == (other, synced)
+    # After a check without that Warning, it is news again.
+    _, warned = warnings_to_post([], warned, Streak())
+    post, _ = warnings_to_post([denied], warned, Streak(Retry.RESYNC, 3))
+    assert post == (denied,)
+
+
+async def test_loop_forgets_posted_warnings_on_a_spec_change() -> None:
+    loop_ = DriftLoop(("ns", "a"))
+    denied = Event("Warning", "UpdateFailed", "SetIamPolicy: permission denied")
+    for _ in range(2):
+        loop_.schedule(2, failure(Retry.RESYNC), generation=1)
+        loop_.events_to_post([denied])
+    loop_.schedule(2, failure(Retry.RESYNC), generation=1)  # the 3rd in a row
+    assert loop_.events_to_post([denied]) == ()
+    loop_.schedule(2, failure(Retry.RESYNC), generation=2)
+    assert loop_.events_to_post([denied]) == (denied,)
 
 
 async def test_wake_by_service_and_object() -> None:
