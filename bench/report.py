@@ -144,8 +144,11 @@ def tables(r: Results) -> str:
 
 def document(r: Results, chart: str | None, notes: str | None) -> str:
     """The whole of bench/results/latest.md."""
-    commit = _git("rev-parse", "--short", "HEAD")
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "controller") else ""
+    # BENCH_COMMIT: a run from an exported tree (git archive) names the commit it came from.
+    commit = os.environ.get("BENCH_COMMIT") or _git("rev-parse", "--short", "HEAD")
+    dirty = ""
+    if not os.environ.get("BENCH_COMMIT") and _git("status", "--porcelain", "controller"):
+        dirty = " (with uncommitted changes in controller/)"
     head = [
         "# Runwarden benchmark — latest results",
         "",
