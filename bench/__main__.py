@@ -59,8 +59,12 @@ def main() -> int:
     out = Path(os.environ.get("BENCH_OUT") or REPO / "bench" / "results")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = REPO / ".cache" / "bench" / stamp
-    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_"))
-    command = f"{settings} make bench".strip()
+    settings = " ".join(
+        f"{k}={v}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith("BENCH_") and k not in ("BENCH_COMMAND", "BENCH_COMMIT")
+    )
+    command = os.environ.get("BENCH_COMMAND") or f"{settings} make bench".strip()
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
