@@ -245,9 +245,12 @@ def apply(plane: ControlPlane, namespace: str, targets: Sequence[Target]) -> Non
     plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
 
 
-def knock_out(admin: AdminClient, target: Target, canary: CanaryCollector, round_: int) -> None:
+def knock_out(
+    admin: AdminClient, target: Target, canary: CanaryCollector, round_: int
+) -> dict[str, Any]:
     """Out-of-band drift, as a careless deploy: one declared variable and one declared member
-    gone, and the deployer's own variable changed and one added (others' things are theirs)."""
+    gone, and the deployer's own variable changed and one added (others' things are theirs).
+    Returns the service as the deploy left it (the controller may repair it at any moment)."""
     current = state(admin, target)
     lost_var = sorted(target.env)[round_ % len(target.env)]
     lost_member = sorted(target.members)[round_ % len(target.members)]
@@ -256,7 +259,9 @@ def knock_out(admin: AdminClient, target: Target, canary: CanaryCollector, round
     env = {k: v for k, v in current["env"].items() if k != lost_var}
     env.update(target.foreign_env)
     members = [m for m in current["iam"].get(target.role, []) if m != lost_member]
-    admin.put_service(PROJECT, REGION, target.service, env=env, invokers={target.role: members})
+    return admin.put_service(
+        PROJECT, REGION, target.service, env=env, invokers={target.role: members}
+    )
 
 
 # ---------------------------------------------------------------------- the invariant checker

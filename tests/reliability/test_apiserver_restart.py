@@ -19,7 +19,6 @@ from tests.reliability.harness import (
     deploy,
     knock_out,
     scaled,
-    state,
     utc_stamp,
     violations,
     wait_converged,
@@ -55,9 +54,7 @@ def test_drift_during_apiserver_outage_is_repaired_after_its_return(
     control_plane.stop_apiserver()
     stopped = time.monotonic()
     try:
-        for i, t in enumerate(targets):
-            knock_out(admin, t, canary, i)
-        assert all(violations(state(admin, t), t) for t in targets)
+        assert all(violations(knock_out(admin, t, canary, i), t) for i, t in enumerate(targets))
         # The controller sees the outage (its watches and status patches fail) and keeps running.
         wait_for(
             lambda: retried_up_to(controller, mark) >= OUTAGE_ATTEMPT,
