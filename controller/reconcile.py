@@ -42,8 +42,9 @@ _SA_PREFIX = "serviceAccount:"
 class Prior:
     """What earlier checks left in status, as far as this reconcile cares."""
 
-    # Aspects whose condition was True at the current generation: a change needed there now is
-    # drift (someone else changed the service), not the spec being applied.
+    # Aspects that held the spec at the current generation at some check (condition True then;
+    # status.drift.syncedGeneration keeps it past a failed repair attempt): a change needed there
+    # now is drift (someone else changed the service), not the spec being applied.
     synced: frozenset[Aspect] = frozenset()
     ready: bool = False  # Ready is True already: success needs no Synced Event
     pending: tuple[str, ...] = ()  # status.drift.pending

@@ -33,18 +33,40 @@ def managed_of(status: Mapping[str, Any] | None) -> Managed:
 
 
 def prior_of(status: Mapping[str, Any] | None, generation: int) -> Prior:
-    """What the reconcile needs to know about earlier checks."""
+    """What the reconcile needs to know about earlier checks.
+
+    An aspect counts as synced (so a change needed there now is drift) when the service held
+    the spec there at this generation at any check: status.drift.syncedGeneration remembers it
+    past a failed repair attempt, whose condition is False by the next check.
+    """
     status = status or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+    held = synced_generations(status)
     synced = frozenset(
         aspect
         for aspect, kind in CONDITION_TYPES.items()
-        if conditions.get(kind, {}).get("status") == "True"
-        and conditions.get(kind, {}).get("observedGeneration") == generation
+        if held.get(aspect) == generation
+        or (
+            conditions.get(kind, {}).get("status") == "True"
+            and conditions.get(kind, {}).get("observedGeneration") == generation
+        )
     )
     ready = conditions.get("Ready", {}).get("status") == "True"
     pending = tuple(str(x) for x in (status.get("drift") or {}).get("pending") or [])
     return Prior(synced=synced, ready=ready, pending=pending)
+
+
+def synced_generations(status: Mapping[str, Any] | None) -> dict[Aspect, int]:
+    """status.drift.syncedGeneration: per aspect, the latest spec generation whose check found
+    (or made) the service hold the spec there. Malformed entries are ignored."""
+    raw = ((status or {}).get("drift") or {}).get("syncedGeneration") or {}
+    if not isinstance(raw, Mapping):
+        return {}
+    return {
+        a: raw[a.value]
+        for a in Aspect
+        if isinstance(raw.get(a.value), int) and not isinstance(raw.get(a.value), bool)
+    }
 
 
 def build_patch(
@@ -93,6 +115,15 @@ def build_patch(
         drift["last"] = list(update.drift.detected)
     if update.pending is not None:
         drift["pending"] = list(update.pending)
+    held = synced_generations(status)
+    for a, kind in CONDITION_TYPES.items():
+        was = previous.get(kind) or {}
+        if was.get("status") == "True" and was.get("observedGeneration") == generation:
+            held[a] = generation  # a status from before syncedGeneration existed
+        if update.aspects[a].status:
+            held[a] = generation
+    if held:
+        drift["syncedGeneration"] = {a.value: g for a, g in sorted(held.items())}
     want["drift"] = drift
 
     return {k: v for k, v in want.items() if current.get(k) != v}

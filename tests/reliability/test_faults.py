@@ -226,13 +226,6 @@ def test_quota_backoff_is_not_escalated_by_transient_failures(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="controller bug: a drift whose first repair attempt fails is no longer drift for the "
-    "next check (its condition is False by then, reconcile.Prior.synced), so the repair is "
-    "reported as 'applied the spec' (Synced) and status.drift.count / drift.last / the "
-    "DriftRepaired Event miss it; under faults the drift counters undercount",
-)
 def test_repair_after_a_failed_attempt_is_still_a_drift_repair(
     crds: ControlPlane,
     ns: str,

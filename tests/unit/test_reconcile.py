@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from controller.gateway import RevisionFailed, Unavailable
@@ -20,6 +21,7 @@ from controller.model import (
 from controller.plan import simulate
 from controller.reconcile import Prior, reconcile
 from controller.spec import parse
+from controller.status import build_patch, managed_of, prior_of
 
 REF = ServiceRef("my-project", "us-west2", "svc")
 SPEC = {
@@ -184,3 +186,42 @@ async def test_failed_rollout_in_observe_mode_is_reported_not_retried() -> None:
     assert "svc-00002-abc" in update.ready.message
     assert update.pending == ("rollout retry (revision svc-00002-abc failed)",)
     assert update.drift.detected == () and update.events == ()  # not drift
+
+
+async def test_repair_after_a_failed_attempt_is_still_drift() -> None:
+    """Drift whose first repair fails is still drift at the next check (the status between the
+    checks is what status.build_patch / prior_of make of it): DriftRepaired, counted."""
+    now = datetime(2026, 11, 28, 18, 0, tzinfo=UTC)
+    gw = FakeGateway()
+    history: dict[str, Any] = {}
+
+    async def check() -> Any:
+        nonlocal history
+        update = await reconcile(
+            gw,  # type: ignore[arg-type]
+            parse(SPEC),
+            managed_of(history),
+            prior_of(history, 1),
+        )
+        history = {**history, **build_patch(history, update, 1, now)}
+        return update
+
+    first = await check()
+    assert first.ready.reason == "Synced"
+    gw.state = replace(gw.state, bindings={})  # someone removes the member ...
+    gw.iam_error = Unavailable("IAM policy of service x unavailable")  # ... and IAM is down
+    failing = await check()
+    assert failing.aspects[Aspect.INVOKERS].reason == "Unavailable"
+    assert [e.reason for e in failing.events] == ["DriftDetected", "UpdateFailed"]
+    assert failing.drift.detected == ("invoker user:a@example.com missing",)
+    assert not failing.drift.repaired
+    gw.iam_error = None
+    repaired = await check()
+    assert repaired.ready.reason == "DriftRepaired"
+    assert repaired.aspects[Aspect.INVOKERS].reason == "DriftRepaired"
+    assert repaired.drift.repaired and repaired.drift.aspects == {Aspect.INVOKERS}
+    assert repaired.drift.detected == ("invoker user:a@example.com missing",)
+    assert "DriftRepaired" in [e.reason for e in repaired.events]
+    assert "Synced" not in [e.reason for e in repaired.events]
+    assert history["drift"]["count"] == 1
+    assert history["drift"]["last"] == ["invoker user:a@example.com missing"]

@@ -41,7 +41,11 @@ def test_first_patch_has_everything() -> None:
     assert patch["observedGeneration"] == 3
     assert patch["lastSyncTime"] == "2026-11-28T18:00:00Z"
     assert patch["managed"] == {"env": ["A", "B"], "invokers": ["user:x@example.com"]}
-    assert patch["drift"] == {"count": 0, "pending": []}
+    assert patch["drift"] == {
+        "count": 0,
+        "pending": [],
+        "syncedGeneration": {"env": 3, "invokers": 3, "settings": 3},
+    }
     assert [c["type"] for c in patch["conditions"]] == [
         "Ready",
         "EnvSynced",
@@ -91,6 +95,7 @@ def test_repair_counts_and_records_names() -> None:
         "lastDetectedTime": timestamp(T1),
         "lastRepairedTime": timestamp(T1),
         "last": ["env A missing"],
+        "syncedGeneration": {"env": 1, "invokers": 1, "settings": 1},
     }
     third = build_patch({**first, **second}, update, 1, T1 + timedelta(seconds=1))
     assert third["drift"]["count"] == 2
@@ -119,3 +124,35 @@ def test_prior_and_managed_read_back() -> None:
     )
     assert managed_of(None) == Managed()
     assert managed_of({"managed": {"env": ["A", 3]}}) == Managed(env=frozenset({"A"}))
+
+
+def test_synced_generation_survives_a_failed_repair_attempt() -> None:
+    """An aspect that held the spec at this generation stays synced for the reconcile (a change
+    needed there is drift) after a check whose repair of it failed; a new generation is not."""
+    first = build_patch({}, synced(), 4, T0)
+    invokers_failing = failed(Failure(Reason.UNAVAILABLE, "IAM unavailable"), ())
+    update = synced(
+        ready=invokers_failing.ready,
+        aspects={**synced().aspects, Aspect.INVOKERS: invokers_failing.aspects[Aspect.INVOKERS]},
+    )
+    second = {**first, **build_patch(first, update, 4, T1)}
+    assert prior_of(second, 4).synced == frozenset(Aspect)
+    # Even a check that could read nothing (every condition False) keeps it.
+    third = {**second, **build_patch(second, invokers_failing, 4, T1)}
+    assert prior_of(third, 4).synced == frozenset(Aspect)
+    assert third["drift"]["syncedGeneration"] == {"env": 4, "invokers": 4, "settings": 4}
+    # A new spec is applied, not repaired, until it has held once.
+    assert prior_of(third, 5).synced == frozenset()
+    fourth = {**third, **build_patch(third, update, 5, T1)}
+    assert prior_of(fourth, 5).synced == {Aspect.ENV, Aspect.SETTINGS}
+
+
+def test_status_from_before_synced_generation_still_counts_conditions() -> None:
+    old = build_patch({}, synced(), 2, T0)
+    del old["drift"]["syncedGeneration"]
+    assert prior_of(old, 2).synced == frozenset(Aspect)
+    after_failure = build_patch(old, failed(Failure(Reason.UNAVAILABLE, "down"), ()), 2, T1)
+    assert prior_of({**old, **after_failure}, 2).synced == frozenset(Aspect)
+    assert prior_of({"drift": {"syncedGeneration": {"env": "2", "invokers": True}}}, 2).synced == (
+        frozenset()
+    )
