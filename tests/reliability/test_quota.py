@@ -2,10 +2,9 @@
 the controller reports QuotaExceeded, slows down, still repairs drift made meanwhile, and after
 the first refusal does not keep bursting past the quota (few refused calls).
 
-The demand stays above the quota (resync 2 s), so whether every Orchestrator gets its share is
-random: when the drift is not repaired in time only because an Orchestrator starved (asleep on
-its own quota backoff for a minute or more while the others took the quota), the test is marked
-xfailed at run time with that evidence; any other failure fails it."""
+The demand stays above the quota (resync 2 s), so every Orchestrator must get its share: a
+timeout fails the test, naming any Orchestrator that starved (asleep on its own quota backoff for
+a minute or more while the others took the quota)."""
 
 from __future__ import annotations
 
@@ -46,10 +45,8 @@ MINUTE = 60.0
 REFUSED_PER_ORCHESTRATOR = 8
 CONVERGE = 240  # seconds after the first refusal for the drift made then to be repaired
 STARVATION = (
-    "known controller behaviour: each Orchestrator backs off from quota on its own (5 s doubling "
-    "to 300 s) while the others, reset by a success, go back to the resync rate and take the "
-    "freed quota; {names} starved under sustained overload. Fix: a process-wide limiter for "
-    "Google calls that adapts to refusals and honours RetryInfo"
+    "{names} starved: asleep on their own quota backoff for a minute or more while the other "
+    "Orchestrators took the quota (per-region pacing in the gateway is meant to prevent this)"
 )
 
 
@@ -120,10 +117,10 @@ def test_quota_exceeded_reported_slows_down_converges_without_burst(
     try:
         wait_converged(crds, ns, admin, targets, left, since=since, together=False)
     except NotConverged as exc:
+        figures(scenario, counts, f"{seen}; not converged in {CONVERGE} s")
         starving = asleep_on_quota(controller, exc.laggards, MINUTE)
-        if starving and starving >= exc.laggards:
-            figures(scenario, counts, f"{seen}; {sorted(starving)} starved")
-            pytest.xfail(STARVATION.format(names=sorted(starving)))
+        if starving:
+            exc.add_note(STARVATION.format(names=sorted(starving)))
         raise
     converged = time.monotonic() - first
     figures(
