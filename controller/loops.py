@@ -33,7 +33,9 @@ ObjectKey = tuple[str, str]  # (namespace, name)
 
 # Backoff after failures: (first delay, cap) in seconds.
 TRANSIENT_BACKOFF = (1.0, 60.0)
-QUOTA_BACKOFF = (5.0, 300.0)
+# Cloud Run's quotas are per minute: waiting longer than one window after a refusal gains
+# nothing and starves the Orchestrator while others take the budget.
+QUOTA_BACKOFF = (5.0, 60.0)
 SLOW_CAP = 3600.0
 
 
