@@ -11,6 +11,7 @@ Sizes and durations come from the environment (defaults in brackets):
   BENCH_QUOTA_RPM=600         the emulator's read quota (and the controller's read budget)
   BENCH_QUOTA_SECONDS=240     how long to watch the pacing (warm-up: BENCH_QUOTA_WARMUP=60)
   BENCH_OUT=bench/results     where latest.md and latest.png go
+  BENCH_AUDIT=1               0 skips bench/audit_latency.py (issue 8; 20 events per mode)
 """
 
 from __future__ import annotations
