@@ -85,7 +85,7 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "latest.png"
     has_chart = bool(results.scales) and report.chart(results.scales, png)
-    notes = NOTES.read_text() if NOTES.exists() and out_dir.resolve() == NOTES.parent else None
+    notes = NOTES.read_text() if NOTES.exists() else None
     text = report.document(results, png.name if has_chart else None, notes)
     (out_dir / "latest.md").write_text(text)
     return results
