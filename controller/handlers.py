@@ -296,8 +296,10 @@ async def _check(
             update = listener.end_check(desired.ref, update, hold)
     elapsed = time.monotonic() - started
 
+    # Leave out only what both the live status and our unseen patches already hold: the watch
+    # may lag behind a patch of ours that changed a key back from the value it still shows.
     status_patch = status.build_patch(
-        history, update, generation, datetime.now(UTC), current=live_status
+        history, update, generation, datetime.now(UTC), current=(live_status, history)
     )
     loop.written.update(status_patch)
     if update.wrote.generation is not None or update.wrote.iam_etag is not None:

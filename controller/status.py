@@ -6,7 +6,7 @@ observedGeneration it was computed from; only top-level status fields that chang
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,15 +74,23 @@ def build_patch(
     update: StatusUpdate,
     generation: int,
     now: datetime,
-    current: Mapping[str, Any] | None = None,
+    current: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The merge patch (the value for ``.status``) that records ``update``; {} if nothing moves.
 
     ``status`` is the history the update builds on (counters, transition times); ``current`` is
     what the server is known to hold, to leave out what is already there (default: ``status``).
+    Given several views of it (the live status, and the live one overlaid with this process's
+    patches not seen back yet), a key is left out only when every view holds the wanted value:
+    a stale live view must not hide that our own unseen patch changed the key since.
     """
     status = status or {}
-    current = status if current is None else current
+    if current is None:
+        views: list[Mapping[str, Any]] = [status]
+    elif isinstance(current, Mapping):
+        views = [current]
+    else:
+        views = list(current)
     stamp = timestamp(now)
     want: dict[str, Any] = {"observedGeneration": generation}
 
@@ -126,7 +134,7 @@ def build_patch(
         drift["syncedGeneration"] = {a.value: g for a, g in sorted(held.items())}
     want["drift"] = drift
 
-    return {k: v for k, v in want.items() if current.get(k) != v}
+    return {k: v for k, v in want.items() if any(view.get(k) != v for view in views)}
 
 
 def _condition(

@@ -107,6 +107,30 @@ def test_diff_against_current_resends_what_the_server_lacks() -> None:
     assert set(patch) >= {"conditions", "managed", "drift", "observedGeneration"}
 
 
+def test_a_stale_live_status_does_not_hide_what_our_unseen_patch_changed() -> None:
+    """A member pruned by check 2 (its patch not seen back yet) and added again by check 3: the
+    live status still shows the member as owned, our unseen patch says it is not; check 3 must
+    send managed, or the server keeps the pruned list and a later undeclare leaks the member."""
+    owned = synced()
+    pruned = synced(managed=Managed(env=frozenset({"B", "A"}), invokers=frozenset()))
+    live = build_patch({}, owned, 1, T0)  # what the watch still shows
+    ours = build_patch(live, pruned, 2, T1)  # check 2's patch, applied, not seen back
+    assert ours["managed"]["invokers"] == []
+    history = {**live, **ours}
+    later = T1 + timedelta(seconds=1)
+    again = build_patch(history, owned, 3, later, current=(live, history))
+    assert again["managed"] == {"env": ["A", "B"], "invokers": ["user:x@example.com"]}
+    # Compared with the stale live view alone, the key would be left out.
+    assert "managed" not in build_patch(history, owned, 3, later, current=live)
+
+
+def test_several_views_leave_out_only_what_all_hold() -> None:
+    history = build_patch({}, synced(), 1, T0)
+    assert build_patch(history, synced(), 1, T1, current=(history, history)) == {
+        "lastSyncTime": "2026-11-28T18:01:00Z"
+    }
+
+
 def test_foreign_conditions_survive() -> None:
     first = build_patch({}, synced(), 1, T0)
     first["conditions"].append({"type": "DriftFight", "status": "False"})
