@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import secrets
 import subprocess
@@ -11,6 +12,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bench import report, scenarios
 from bench.harness import REPO, control_plane_up
@@ -19,6 +21,7 @@ from bench.scenarios import Config, Run
 from cloudrun_emulator.testing import EmulatorProcess
 from tests.fixtures.k8s import ControlPlane
 
+T = TypeVar("T")
 AUDIT_SCRIPT = REPO / "bench" / "audit_latency.py"
 NOTES = REPO / "bench" / "results" / "notes.md"
 
@@ -51,7 +54,7 @@ def run(
     emulator = EmulatorProcess(log_dir=work / "emulator").start()
     ctx = Run(plane, emulator, work, secrets.token_hex(3), say)
 
-    def attempt(name: str, fn: Callable[[], object]) -> object:
+    def attempt(name: str, fn: Callable[[], T]) -> T | None:
         say(f"--- {name}")
         try:
             return fn()
@@ -62,23 +65,23 @@ def run(
 
     try:
         if cfg.economy_n:
-            results.economy = attempt("economy", lambda: scenarios.economy(ctx, cfg))  # type: ignore[assignment]
+            results.economy = attempt("economy", lambda: scenarios.economy(ctx, cfg))
         if cfg.overhead_n:
-            results.overhead = attempt("overhead", lambda: scenarios.overhead(ctx, cfg))  # type: ignore[assignment]
-        reuse = None
+            results.overhead = attempt("overhead", lambda: scenarios.overhead(ctx, cfg))
+        reuse: tuple[str, list[str]] | None = None
         for n in cfg.scales:
-            got = attempt(f"scale {n}", lambda n=n: scenarios.scale(ctx, cfg, n))  # type: ignore[misc]
+            got = attempt(f"scale {n}", functools.partial(scenarios.scale, ctx, cfg, n))
             if got is not None:
-                result, reuse = got  # type: ignore[misc]
-                results.scales.append(result)
+                results.scales.append(got[0])
+                reuse = got[1]
         if cfg.quota_n:
-            results.quota = attempt("quota", lambda: scenarios.quota(ctx, cfg, reuse))  # type: ignore[assignment]
+            results.quota = attempt("quota", lambda: scenarios.quota(ctx, cfg, reuse))
     finally:
         emulator.stop()
         if own_plane:
             plane.down()
     if audit and AUDIT_SCRIPT.exists() and os.environ.get("BENCH_AUDIT", "1") != "0":
-        results.audit = attempt("audit latency (issue 8)", lambda: run_audit(work))  # type: ignore[assignment]
+        results.audit = attempt("audit latency (issue 8)", lambda: run_audit(work))
 
     results.load_after = os.getloadavg()
     results.duration = time.monotonic() - started
