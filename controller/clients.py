@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import grpc
 from google.api_core.client_options import ClientOptions
@@ -14,6 +15,13 @@ from google.cloud.iam_admin_v1.services.iam.transports.grpc_asyncio import IAMGr
 from google.cloud.run_v2.services.services.transports.grpc_asyncio import (
     ServicesGrpcAsyncIOTransport,
 )
+
+
+class _Closable(Protocol):
+    """A transport's close(), as the grpc_asyncio transports implement it (the generated code
+    leaves it unannotated): it returns the channel's close() coroutine."""
+
+    def close(self) -> Awaitable[None]: ...
 
 
 @dataclass
@@ -30,8 +38,8 @@ class Clients:
 
     async def close(self) -> None:
         """Close both clients' channels."""
-        await self.run.transport.close()
-        await self.iam.transport.close()
+        await cast(_Closable, self.run.transport).close()
+        await cast(_Closable, self.iam.transport).close()
 
     async def __aenter__(self) -> Clients:
         return self
