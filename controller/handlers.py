@@ -1,14 +1,13 @@
 """The kopf wiring: the only module that imports kopf.
 
-Shape of the drift loop (why a timer and not a daemon):
+Shape of the drift loop:
   Each Orchestrator gets one loop (controller.loops.DriftLoop) that checks "at once when woken,
-  else when the resync is due". kopf applies a daemon's ``patch`` only when the daemon function
-  returns, so a forever-running daemon could not write status through kopf; a timer's patch is
-  applied after every call. So the loop is a kopf *timer* whose call blocks until the loop is
-  woken or due, runs ONE check, and returns — kopf then applies that check's status patch and
-  calls again after a short gap. It behaves like a daemon loop but writes status the kopf way,
-  and kopf still owns its lifecycle (started for each object, stopped on deletion and exit).
-  Timer kwargs (body, spec, status) are live views, so a woken check sees the newest spec.
+  else when the resync is due", run by a kopf *daemon*: kopf starts it for each object (on
+  create and on resume) and stops it on deletion and exit. The daemon writes each check's status
+  itself (controller.kube, one merge patch) rather than through kopf's handler ``patch``, which
+  kopf applies only when a handler returns and, per call, at a cost comparable to a check's
+  own (bench/results/notes.md). Daemon kwargs (body, spec, status) are live views, so a woken
+  check sees the newest spec.
 
   Spec changes (create/update/resume, spec only: status patches do not trigger them) just wake
   the loop, with the object's generation: a check that has already read that generation (the
@@ -27,14 +26,15 @@ import asyncio
 import copy
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import aiohttp
 import kopf
 
-from controller import auditsub, crdwait, fight, logs, metrics, reconcile, spec, status
+from controller import auditsub, crdwait, fight, kube, logs, metrics, reconcile, spec, status
 from controller.auditsub import AuditListener
 from controller.clients import Clients, make_clients
 from controller.fight import FightPolicy
@@ -54,12 +54,14 @@ from controller.settings import Settings
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
 FINALIZER = "runwarden.dev/finalizer"
-LOOP_GAP = 0.05  # seconds between a timer call returning and the next one starting to wait
 DEFAULT_RESYNC = 60.0
 # Connections to kube-apiserver. kopf's own pool is unbounded: with hundreds of Orchestrators
 # finishing checks together it held one TLS connection per concurrent status patch, each with a
 # 256 KiB read buffer and OpenSSL state (1,000 Orchestrators: ~450 MB RSS instead of ~150 MB).
 KUBE_CONNECTIONS = 16
+# Orchestrators whose diff-base essence is kept between watch events (more only cost a rebuild).
+ESSENCE_CACHE = 10_000
+V = TypeVar("V")
 
 log = logs.get("runwarden.controller")
 
@@ -85,11 +87,11 @@ def run(settings: Settings) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config: Settings = memo.config
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="runwarden.dev")
+    settings.persistence.progress_storage = LeanProgressStorage(prefix="runwarden.dev")
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(
         prefix="runwarden.dev", key="last-handled-configuration"
     )
-    # On deletion kopf waits for the drift-loop timer to exit before releasing the finalizer; it
+    # On deletion kopf waits for the drift-loop daemon to exit before releasing the finalizer; it
     # exits within milliseconds, so check for that often instead of kopf's default 60 s.
     settings.background.instant_exit_timeout = 0.5
     settings.background.cancellation_polling = 1.0
@@ -101,6 +103,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.clients = clients
     memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
     memo.gateway = Gateway(clients, pacer=memo.pacer)
+    memo.status_writer = kube.StatusWriter(_connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     if config.audit_subscription:
@@ -131,17 +134,28 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     clients: Clients | None = memo.get("clients")
     if clients is not None:
         await clients.close()
+    writer: kube.StatusWriter | None = memo.get("status_writer")
+    if writer is not None:
+        await writer.close()
     log.info("stopped")
 
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
-    """kopf's diff base (the same essence, the same annotation), built without deep-copying
-    what the essence leaves out anyway.
+    """kopf's diff base (the same essence, the same annotation), built once per change of the
+    fields it depends on, not once per watch event.
 
-    kopf builds the essence of every watch event it sees — one per status patch, so one per
-    check — starting with a deep copy of the whole body, metadata.managedFields and status
-    included, only to delete most of it (py-spy: ~6% of a steady-state check's CPU, now ~2%).
+    kopf builds and decodes the essence for every watch event it sees — one per status write,
+    so one per check — starting with a deep copy of the whole body, metadata.managedFields and
+    status included, only to delete most of it (py-spy: ~6% of a steady-state check's CPU).
+    Here the essence is rebuilt only when its inputs (everything but status and metadata, plus
+    labels, annotations and any extra field) differ from the last event of the same object;
+    kopf only reads an essence, so the same one is returned again.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._built: LRU[tuple[Any, Any]] = LRU(ESSENCE_CACHE)
+        self._decoded: LRU[kopf.BodyEssence] = LRU(ESSENCE_CACHE)
 
     def build(
         self,
@@ -152,10 +166,77 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         extra = list(extra_fields or ())
         meta = body.get("metadata") or {}
         lean: dict[str, Any] = {k: v for k, v in body.items() if k not in ("metadata", "status")}
-        lean["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+        lean["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
         if any(_field_root(f) == "status" for f in extra) and "status" in body:
             lean["status"] = body["status"]
-        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=extra)
+        for f in extra:  # other extra fields, e.g. metadata.generation
+            if _field_root(f) == "metadata":
+                lean["metadata"] = meta
+        inputs = (lean, extra)
+        key = str(meta.get("uid") or (meta.get("namespace"), meta.get("name")))
+        cached = self._built.get(key)
+        if cached is not None and cached[0] == inputs:
+            essence: kopf.BodyEssence = cached[1]
+            return essence
+        essence = super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=extra)
+        # The cache keeps its own copy of the inputs: the live body is updated in place.
+        self._built.put(key, (copy.deepcopy(inputs), essence))
+        return essence
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        """The stored essence, decoded once per distinct annotation value."""
+        annotations = body.metadata.annotations
+        for full_key in self.make_keys(self.key, body=body):
+            encoded = annotations.get(full_key)
+            if encoded is None:
+                continue
+            decoded = self._decoded.get(encoded)
+            if decoded is None:
+                decoded = super().fetch(body=body)
+                if decoded is not None:
+                    self._decoded.put(encoded, decoded)
+            return decoded
+        return None
+
+
+class LeanProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's progress storage; ``clear`` (called twice per watch event) builds the cleared
+    essence without kopf's deep copy of it: essences are only read."""
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        result = cast(dict[str, Any], dict(essence))
+        meta = result.get("metadata")
+        if isinstance(meta, Mapping):
+            meta = result["metadata"] = dict(meta)
+            annotations = meta.get("annotations") or {}
+            mine = f"{self.prefix}/" if self.prefix else None
+            if mine is not None and any(k.startswith(mine) for k in annotations):
+                meta["annotations"] = {
+                    k: v for k, v in annotations.items() if not k.startswith(mine)
+                }
+        cleared = cast(kopf.BodyEssence, result)
+        self.remove_empty_stanzas(cleared)
+        return cleared
+
+
+class LRU(Generic[V]):
+    """A small least-recently-used map (kopf's storages are called from one event loop)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[str, V] = OrderedDict()
+
+    def get(self, key: str) -> V | None:
+        found = self._items.get(key)
+        if found is not None:
+            self._items.move_to_end(key)
+        return found
+
+    def put(self, key: str, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
 
 
 def _field_root(field: Any) -> str:
@@ -227,27 +308,58 @@ async def spec_changed(
 # ---------------------------------------------------------------------- the drift loop
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, id="drift-loop", interval=LOOP_GAP)
+@kopf.daemon(GROUP, VERSION, PLURAL, id="drift-loop")
 async def drift_loop(
     body: kopf.Body,
-    patch: kopf.Patch,
     namespace: str | None,
     name: str,
     memo: Any,
-    **kwargs: Any,
+    stopped: kopf.DaemonStopped,
+    **_: Any,
 ) -> None:
-    """One check of one Orchestrator, once it is woken or due (see the module docstring)."""
-    stopped: kopf.DaemonStopped = kwargs["stopped"]
+    """Check one Orchestrator whenever it is woken or due, until it is deleted or the operator
+    stops (see the module docstring)."""
     loop = REGISTRY.loop(namespace or "", name)
-    reasons = await loop.wait(stopped.wait)
-    if not reasons or stopped or loop.deleted:
-        return
-    async with loop.lock:
-        if stopped or loop.deleted or body.metadata.get("deletionTimestamp"):
-            return
-        status_patch = await _check(loop, body, memo, reasons)
-    if status_patch:
-        patch.status.update(status_patch)
+    loop.stopping = False  # a new daemon for this object (e.g. after the operator paused)
+    # One task for the daemon's life turns kopf's stop flag into the loop's stop.
+    stopping = asyncio.ensure_future(_stopped(stopped))
+    stopping.add_done_callback(lambda _: loop.stop())
+    try:
+        while reasons := await loop.wait():
+            async with loop.lock:
+                if loop.stopping or body.metadata.get("deletionTimestamp"):
+                    return
+                try:
+                    status_patch = await _check(loop, body, memo, reasons)
+                    if status_patch:
+                        await _write_status(loop, memo.status_writer, status_patch)
+                except Exception as exc:  # a bug must not end the loop: retry with backoff
+                    log.exception("loop_crashed", k8s_ref={"namespace": loop.key[0], "name": name})
+                    message = f"internal error ({type(exc).__name__})"
+                    failure = Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT)
+                    loop.schedule(DEFAULT_RESYNC, failure)
+    finally:
+        stopping.cancel()
+
+
+async def _stopped(stopped: kopf.DaemonStopped) -> None:
+    await stopped.wait()
+
+
+async def _write_status(
+    loop: DriftLoop, writer: kube.StatusWriter, status_patch: dict[str, Any]
+) -> None:
+    """Write a check's status. A failed write is logged and retried by the next check: the
+    loop keeps it as written (history), and the live status will still differ from it."""
+    namespace, name = loop.key
+    try:
+        await writer.patch(namespace, name, status_patch)
+    except (kube.StatusWriteError, aiohttp.ClientError, TimeoutError) as exc:
+        log.warning(
+            "status_write_failed",
+            k8s_ref={"namespace": namespace, "name": name},
+            error=str(exc) or type(exc).__name__,
+        )
 
 
 async def _check(

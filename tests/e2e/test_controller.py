@@ -524,14 +524,21 @@ def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
 
 
 def test_api_errors_become_conditions_and_recover(
-    crds: ControlPlane, namespace: str, fresh_emulator: EmulatorProcess, kubeconfig: str,
+    crds: ControlPlane,
+    namespace: str,
+    fresh_emulator: EmulatorProcess,
+    kubeconfig: str,
     tmp_path: Any,
 ) -> None:
     admin = fresh_emulator.admin
     admin.put_service_account(SA)
     admin.put_service(PROJECT, REGION, "flaky", env={})
-    with ControllerProcess(kubeconfig=kubeconfig, gcp_endpoint=fresh_emulator.grpc_endpoint,
-                           namespaces=[namespace], log_path=tmp_path / "c.log") as proc:
+    with ControllerProcess(
+        kubeconfig=kubeconfig,
+        gcp_endpoint=fresh_emulator.grpc_endpoint,
+        namespaces=[namespace],
+        log_path=tmp_path / "c.log",
+    ) as proc:
         apply(crds, namespace, orchestrator("orch", "flaky"))
         wait_condition(crds, namespace, "orch", "True")
 

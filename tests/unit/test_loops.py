@@ -176,21 +176,13 @@ async def test_wake_by_service_and_object() -> None:
     b.ref = ServiceRef("my-project", "us-west2", "other")
     loop = asyncio.get_running_loop()
     a.due = b.due = loop.time() + 3600
-    never = asyncio.Event()
-
-    async def stop(delay: float) -> None:
-        try:
-            await asyncio.wait_for(never.wait(), delay)
-        except TimeoutError:
-            pass
-
-    waiting = asyncio.create_task(a.wait(stop))
+    waiting = asyncio.create_task(a.wait())
     await asyncio.sleep(0.01)
     assert not waiting.done()
     assert registry.wake_service(REF, reason="audit") == 1
     assert await asyncio.wait_for(waiting, 1) == ("audit",)
     assert registry.wake_object("ns", "b", reason="spec-update")
-    assert await asyncio.wait_for(b.wait(stop), 1) == ("spec-update",)
+    assert await asyncio.wait_for(b.wait(), 1) == ("spec-update",)
     assert registry.wake_service(ServiceRef("x-project", "us-west2", "none")) == 0
     assert not registry.wake_object("ns", "nope")
 
@@ -199,18 +191,26 @@ async def test_due_check_runs_without_wake_and_stop_ends_the_wait() -> None:
     registry = Registry()
     loop_ = registry.loop("ns", "a")
     loop_.due = asyncio.get_running_loop().time() + 0.05
-
-    async def no_stop(delay: float) -> None:
-        await asyncio.sleep(delay)
-
-    assert await asyncio.wait_for(loop_.wait(no_stop), 2) == ("resync",)
+    assert await asyncio.wait_for(loop_.wait(), 2) == ("resync",)
 
     loop_.due = asyncio.get_running_loop().time() + 3600
+    waiting = asyncio.create_task(loop_.wait())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    loop_.stop()
+    assert await asyncio.wait_for(waiting, 2) == ()
+    loop_.wake("audit")  # a stopped loop stays stopped
+    assert await asyncio.wait_for(loop_.wait(), 2) == ()
 
-    async def stop_now(delay: float) -> None:
-        return None
 
-    assert await asyncio.wait_for(loop_.wait(stop_now), 2) == ()
+async def test_infinite_delay_waits_until_woken() -> None:
+    loop_ = Registry().loop("ns", "a")
+    loop_.due = math.inf  # a spec error: only a spec change wakes the loop
+    waiting = asyncio.create_task(loop_.wait())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    loop_.wake("spec-update", generation=2)
+    assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
 
 
 async def test_forget_wakes_and_marks_deleted() -> None:
@@ -218,7 +218,7 @@ async def test_forget_wakes_and_marks_deleted() -> None:
     loop_ = registry.loop("ns", "a")
     loop_.due = asyncio.get_running_loop().time() + 3600
     registry.forget("ns", "a")
-    assert loop_.deleted
+    assert loop_.deleted and loop_.stopping
     assert registry.get("ns", "a") is None
     assert registry.loop("ns", "a") is not loop_
 
@@ -238,13 +238,11 @@ async def test_spec_wake_for_a_generation_already_checked_is_dropped() -> None:
     loop_.schedule(3600, None, generation=3)  # ... which read generation 3
     assert loop_.checked_generation == 3
 
-    async def short_stop(delay: float) -> None:
-        await asyncio.sleep(min(delay, 0.2))
-
-    assert await asyncio.wait_for(loop_.wait(short_stop), 2) == ()  # not woken: nothing new
+    waiting = asyncio.create_task(loop_.wait())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # not woken: nothing new
     assert loop_.due - aio.time() > 1000  # still due only at the resync
 
-    waiting = asyncio.create_task(loop_.wait(short_stop))
     loop_.wake("spec-update", generation=2)  # an older event delivered late: also seen
     await asyncio.sleep(0.05)
     assert not waiting.done()
@@ -254,7 +252,7 @@ async def test_spec_wake_for_a_generation_already_checked_is_dropped() -> None:
     loop_.schedule(3600, None, generation=4)
     loop_.wake("spec-resume", generation=4)
     loop_.wake("audit")  # not a spec wake: always checks (and the seen spec wake is dropped)
-    assert await asyncio.wait_for(loop_.wait(short_stop), 1) == ("audit",)
+    assert await asyncio.wait_for(loop_.wait(), 1) == ("audit",)
 
 
 async def test_spec_wake_before_any_check_counts() -> None:
@@ -262,8 +260,4 @@ async def test_spec_wake_before_any_check_counts() -> None:
     loop_ = registry.loop("ns", "a")
     loop_.due = asyncio.get_running_loop().time() + 3600
     loop_.wake("spec-create", generation=1)
-
-    async def no_stop(delay: float) -> None:
-        await asyncio.sleep(delay)
-
-    assert await asyncio.wait_for(loop_.wait(no_stop), 1) == ("spec-create",)
+    assert await asyncio.wait_for(loop_.wait(), 1) == ("spec-create",)

@@ -1,0 +1,100 @@
+"""The status write after every check: one JSON merge patch of the status subresource.
+
+Why not kopf's handler ``patch``: kopf applies it by deep-copying the whole patched object to
+diff it for JSON-patch transformations we never use, and tracks the write for its own
+consistency checks; after the two Google reads that was the largest cost of a steady-state
+check (bench/results/notes.md). A merge patch of just the keys that moved is the same write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from controller import logs
+
+# (server URL, session with the credentials) or None when there are none.
+Connect = Callable[[], "tuple[str, aiohttp.ClientSession] | None"]
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+
+log = logs.get("runwarden.kube")
+
+
+class StatusWriteError(Exception):
+    """The apiserver refused or failed a status write."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"HTTP {code}: {message}")
+        self.code = code
+
+
+class StatusWriter:
+    """Merge-patches ``.status`` of one custom resource kind."""
+
+    def __init__(self, connect: Connect, group: str, version: str, plural: str) -> None:
+        self._connect = connect
+        self._path = f"/apis/{group}/{version}/namespaces/{{namespace}}/{plural}/{{name}}/status"
+        self._conn: tuple[str, aiohttp.ClientSession] | None = None
+
+    async def patch(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
+        """Write ``status`` (a merge patch of .status); False if the object is gone.
+
+        Raises StatusWriteError for any other refusal. A 401 (rotated credentials) reconnects
+        with fresh ones and tries once more.
+        """
+        body = json.dumps({"status": status}, separators=(",", ":"))
+        path = self._path.format(namespace=namespace, name=name)
+        for fresh in (False, True):
+            server, session = self._session(fresh)
+            async with session.patch(
+                server + path, data=body, headers=MERGE_PATCH, timeout=TIMEOUT
+            ) as resp:
+                # The reply is the whole object; the watch brings it to kopf anyway.
+                text = (await resp.read()).decode(errors="replace")
+                if resp.status < 300:
+                    return True
+                if resp.status == 404:
+                    return False
+                if resp.status == 401 and not fresh:
+                    continue
+                raise StatusWriteError(resp.status, _message(text))
+        raise AssertionError("unreachable")
+
+    def _session(self, fresh: bool) -> tuple[str, aiohttp.ClientSession]:
+        if self._conn is None or fresh:
+            old, self._conn = self._conn, self._connect()
+            if old is not None:
+                log.info("kube_reconnected")
+                _close_later(old[1])
+        if self._conn is None:
+            raise StatusWriteError(401, "no Kubernetes credentials")
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn[1].close()
+            self._conn = None
+
+
+def _message(text: str) -> str:
+    """The apiserver's Status message, else the start of the body."""
+    try:
+        found = json.loads(text).get("message")
+    except (ValueError, AttributeError):
+        found = None
+    return str(found or text[:200])
+
+
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+def _close_later(session: aiohttp.ClientSession) -> None:
+    """Close a replaced session once its requests in flight are done."""
+    task = asyncio.get_running_loop().create_task(session.close())
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
