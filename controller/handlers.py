@@ -295,12 +295,14 @@ def _connect() -> tuple[str, aiohttp.ClientSession] | None:
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@kopf.on.update(GROUP, VERSION, PLURAL)
 async def spec_changed(
     body: kopf.Body, namespace: str | None, name: str, reason: str, **_: Any
 ) -> None:
     """Check this Orchestrator at once (the drift loop picks up the new spec), unless a check
-    has read this generation already."""
+    has read this generation already. (kopf calls update handlers only when the spec, labels or
+    annotations change, never for status; filtering on field="spec" would cost a field match
+    per watch event, i.e. per check, for nothing: a label change is a seen generation.)"""
     generation = int(body.metadata.get("generation") or 0) or None
     REGISTRY.loop(namespace or "", name).wake(f"spec-{reason}", generation=generation)
 
@@ -368,8 +370,8 @@ async def _check(
     config: Settings = memo.config
     gateway: Gateway = memo.gateway
     # A consistent snapshot: the live body may change while we await Google.
-    raw_spec = copy.deepcopy(dict(body.get("spec") or {}))
     generation = int(body.metadata.get("generation") or 0)
+    parsed = _parse(loop, body, generation, config.resync_override)
     live_status = copy.deepcopy(dict(body.get("status") or {}))
     history = loop.history(live_status)
     ref_log = log.bind(k8s_ref={"namespace": loop.key[0], "name": loop.key[1]})
@@ -378,11 +380,10 @@ async def _check(
     resync = config.resync_override or DEFAULT_RESYNC
     period = resync
     desired: Desired | None = None
-    try:
-        desired = spec.parse(raw_spec, config.resync_override)
-    except spec.InvalidSpec as exc:
-        update = reconcile.failed(Failure(exc.reason, exc.message, Retry.SPEC_CHANGE), ())
+    if isinstance(parsed, spec.InvalidSpec):
+        update = reconcile.failed(Failure(parsed.reason, parsed.message, Retry.SPEC_CHANGE), ())
     else:
+        desired = parsed
         loop.ref = desired.ref
         resync = desired.policy.resync_seconds
         # The region's read budget may not afford every resync: check less often, evenly.
@@ -445,6 +446,24 @@ async def _check(
     else:
         ref_log.debug("check", **fields)
     return status_patch
+
+
+def _parse(
+    loop: DriftLoop, body: kopf.Body, generation: int, resync_override: float | None
+) -> Desired | spec.InvalidSpec:
+    """The spec as Desired (or why it is invalid), parsed once per generation: every change of
+    an Orchestrator's spec bumps metadata.generation."""
+    if loop.parsed is not None and generation and loop.parsed[0] == generation:
+        cached = loop.parsed[1]
+        if isinstance(cached, Desired | spec.InvalidSpec):
+            return cached
+    raw_spec = copy.deepcopy(dict(body.get("spec") or {}))
+    try:
+        result: Desired | spec.InvalidSpec = spec.parse(raw_spec, resync_override)
+    except spec.InvalidSpec as exc:
+        result = exc
+    loop.parsed = (generation, result)
+    return result
 
 
 def _result(update: StatusUpdate, desired: Desired | None) -> str:

@@ -97,6 +97,7 @@ class DriftLoop:
     stopping: bool = False  # stop() was called: wait() returns () from now on
     checks: int = 0  # completed checks since this process started
     checked_generation: int | None = None  # metadata.generation the last check read
+    parsed: tuple[int, object] | None = None  # (generation, its parsed spec), for the wiring
     # Status this process wrote that the watch may not have delivered yet (top-level keys).
     written: dict[str, Any] = field(default_factory=dict)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
