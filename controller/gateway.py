@@ -49,14 +49,26 @@ INGRESS_TO_API = {
 INGRESS_FROM_API = {int(v): k for k, v in INGRESS_TO_API.items()}
 
 # Reads are idempotent: a transient failure is retried inside the call, with this one policy
-# for every read (GetService, GetIamPolicy, GetServiceAccount). Writes are not retried
-# here (a lost response would turn the retry into a false conflict); the reconcile's own backoff
-# covers them, and IAM conflicts get the read-modify-write retry below.
-_TRANSIENT = retry_async.if_exception_type(
-    gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError
-)
+# for every read (GetService, GetIamPolicy, GetServiceAccount). The gateway wraps each read in
+# it (the clients get retry=None), so that every retry waits for its region's read budget like
+# any other call. Writes are not retried here (a lost response would turn the retry into a
+# false conflict); the reconcile's own backoff covers them, and IAM conflicts get the
+# read-modify-write retry below.
+_TRANSIENT = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError)
+
+
+def _retryable_read(exc: Exception) -> bool:
+    """Whether a read is worth another attempt within the call: a transient failure, or a quota
+    refusal without RetryInfo (nothing says how long to wait: retry with the backoff, each
+    attempt paced by the region's budget). A refusal with RetryInfo holds the region's budget
+    that long instead, and the check fails as QuotaExceeded."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return isinstance(exc, gexc.ResourceExhausted) and _retry_delay(exc) == 0
+
+
 READ_RETRY = retry_async.AsyncRetry(
-    predicate=_TRANSIENT, initial=0.2, maximum=2.0, multiplier=2.0, timeout=10.0
+    predicate=_retryable_read, initial=0.2, maximum=2.0, multiplier=2.0, timeout=10.0
 )
 # An IAM etag conflict (ABORTED) means someone wrote in between: re-read, re-apply, retry.
 IAM_CONFLICT_RETRY = retry_async.AsyncRetry(
@@ -188,10 +200,10 @@ class Gateway:
         request = iam_admin_v1.GetServiceAccountRequest(name=f"projects/-/serviceAccounts/{email}")
         try:
             with _translate(f"service account {email}"):
-                await self._call(
+                await self._read(
                     "GetServiceAccount",
                     lambda: self._iam.get_service_account(
-                        request=request, retry=READ_RETRY, timeout=self._timeout
+                        request=request, retry=None, timeout=self._timeout
                     ),
                 )
         except NotFound:
@@ -224,7 +236,9 @@ class Gateway:
         with _translate(f"service {observed.ref}"):
             operation = await self._call(
                 "UpdateService",
-                lambda: self._run.update_service(request=request, timeout=self._timeout),
+                lambda: self._run.update_service(
+                    request=request, retry=None, timeout=self._timeout
+                ),
                 region=observed.ref.region,
                 write=True,
             )
@@ -280,7 +294,9 @@ class Gateway:
             request = iam_policy_pb2.SetIamPolicyRequest(resource=ref.resource_name, policy=edited)
             result = await self._call(
                 "SetIamPolicy",
-                lambda: self._run.set_iam_policy(request=request, timeout=self._timeout),
+                lambda: self._run.set_iam_policy(
+                    request=request, retry=None, timeout=self._timeout
+                ),
                 region=ref.region,
                 write=True,
             )
@@ -295,11 +311,9 @@ class Gateway:
         """GetService (``paced``: its read token is taken already)."""
         request = run_v2.GetServiceRequest(name=ref.resource_name)
         with _translate(f"service {ref}"):
-            return await self._call(
+            return await self._read(
                 "GetService",
-                lambda: self._run.get_service(
-                    request=request, retry=READ_RETRY, timeout=self._timeout
-                ),
+                lambda: self._run.get_service(request=request, retry=None, timeout=self._timeout),
                 region=ref.region,
                 paced=paced,
             )
@@ -314,15 +328,34 @@ class Gateway:
             # Version 3 shows conditional bindings, so a write can carry them over intact.
             options=options_pb2.GetPolicyOptions(requested_policy_version=3),
         )
-        policy: policy_pb2.Policy = await self._call(
+        policy: policy_pb2.Policy = await self._read(
             "GetIamPolicy",
-            lambda: self._run.get_iam_policy(
-                request=request, retry=READ_RETRY, timeout=self._timeout
-            ),
+            lambda: self._run.get_iam_policy(request=request, retry=None, timeout=self._timeout),
             region=ref.region,
             paced=paced,
         )
         return policy
+
+    async def _read(
+        self,
+        method: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        region: str | None = None,
+        paced: bool = False,
+    ) -> T:
+        """A read under READ_RETRY. Every attempt is a paced call of its own; ``paced`` (the
+        token is taken already) covers the first attempt only, so a retry costs a token and a
+        read that succeeds at once costs exactly the one taken."""
+        attempts = 0
+
+        async def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            return await self._call(method, fn, region=region, paced=paced and attempts == 1)
+
+        result: T = await READ_RETRY(attempt)()
+        return result
 
     async def _call(
         self,
@@ -333,7 +366,7 @@ class Gateway:
         write: bool = False,
         paced: bool = False,
     ) -> T:
-        """Call Google once (plus the call's own retry policy), counting it by status code.
+        """Call Google once, counting the call by status code.
 
         A Cloud Run call (``region`` given) first waits for the region's read or write budget,
         unless ``paced`` (its token is taken already); a quota refusal's RetryInfo holds the
@@ -403,6 +436,10 @@ def _translate(what: str) -> Iterator[None]:
         cause = exc.cause
         if isinstance(cause, gexc.Aborted):
             raise Conflict(f"{what} kept changing concurrently", _code(cause)) from exc
+        if isinstance(cause, gexc.ResourceExhausted):
+            raise QuotaExceeded(
+                f"quota exceeded on {what} (retries exhausted)", _code(cause)
+            ) from exc
         raise Unavailable(f"{what} unavailable (retries exhausted)", "UNAVAILABLE") from exc
     except gexc.GoogleAPICallError as exc:
         raise Unavailable(f"{what} unavailable ({_code(exc)})", _code(exc)) from exc

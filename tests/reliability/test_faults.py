@@ -187,6 +187,36 @@ def test_reads_are_retried_within_the_call(
     assert not failed, [f"{f.get('reason')}: {f.get('message')}" for f in failed]
 
 
+def test_quota_refusals_without_retry_info_are_retried_within_the_call(
+    crds: ControlPlane,
+    ns: str,
+    fresh_emulator: EmulatorProcess,
+    start_controller: Callable[..., ControllerProcess],
+    make_targets: Callable[..., list[Target]],
+) -> None:
+    """30 % RESOURCE_EXHAUSTED without RetryInfo (the emulator's injected fault) on both reads of
+    a check: a transient refusal is retried inside the read like the other transient codes, so
+    no check fails as QuotaExceeded (before the fix about half of them did: 1 - 0.7**2)."""
+    (target,) = make_targets(1, "rq")
+    controller = start_controller(fresh_emulator, resync=1)
+    converged_single(crds, ns, fresh_emulator, target)
+    admin = fresh_emulator.admin
+    mark = len(controller.log_lines())
+    admin.set_faults(rate=0.3, codes=["RESOURCE_EXHAUSTED"], methods=["GetService", "GetIamPolicy"])
+    start = admin.calls().get(f"{RUN}GetIamPolicy", 0)
+    # Stops at the first failed check: a failed check backs off for quota (5 s and more).
+    wait_for(
+        lambda: (
+            failed_checks(controller, mark)
+            or admin.calls().get(f"{RUN}GetIamPolicy", 0) - start >= 20
+        ),
+        60,
+        message="20 checks",
+    )
+    failed = failed_checks(controller, mark)
+    assert not failed, [f"{f.get('reason')}: {f.get('message')}" for f in failed]
+
+
 def test_quota_backoff_is_not_escalated_by_transient_failures(
     crds: ControlPlane,
     ns: str,
