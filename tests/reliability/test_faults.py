@@ -239,12 +239,15 @@ def test_quota_backoff_is_not_escalated_by_transient_failures(
         6 * failing_check,
         message="6 failed checks",
     )
-    # Faults first: every GetService counted after ``before`` is refused for quota.
+    # Every GetService refused for quota (no RetryInfo: the read retries it within the call
+    # until READ_RETRY gives up), until one check has failed as QuotaExceeded.
+    quota_mark = len(controller.log_lines())
     admin.set_faults(rate=1.0, codes=["RESOURCE_EXHAUSTED"], methods=["GetService"])
-    before = admin.calls().get(f"{RUN}GetService", 0)
     wait_for(
-        lambda: admin.calls().get(f"{RUN}GetService", 0) > before,
-        30,
+        lambda: any(
+            f.get("reason") == "QuotaExceeded" for f in failed_checks(controller, quota_mark)
+        ),
+        failing_check + 20,
         message="a check refused for quota",
     )
     admin.clear_faults()
