@@ -351,8 +351,9 @@ async def _stopped(stopped: kopf.DaemonStopped) -> None:
 async def _write_status(
     loop: DriftLoop, writer: kube.StatusWriter, status_patch: dict[str, Any]
 ) -> None:
-    """Write a check's status. A failed write is logged and retried by the next check: the
-    loop keeps it as written (history), and the live status will still differ from it."""
+    """Write a check's status (the writer retries transient failures for a while). A write that
+    still fails is logged and made again by the next check: the loop keeps it as written
+    (history), and the live status still differs from it."""
     namespace, name = loop.key
     try:
         await writer.patch(namespace, name, status_patch)

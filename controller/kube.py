@@ -14,6 +14,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from controller import logs
 
@@ -21,6 +29,11 @@ from controller import logs
 Connect = Callable[[], "tuple[str, aiohttp.ClientSession] | None"]
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+# A write the apiserver could not take (down, overloaded, timed out) is retried for ~20 s; a
+# write still failing then is left to the next check, which writes the status again.
+RETRY_ATTEMPTS = 6
+RETRY_SECONDS = 20.0
+TRANSIENT_CODES = frozenset({429, 500, 502, 503, 504})
 
 log = logs.get("runwarden.kube")
 
@@ -44,9 +57,23 @@ class StatusWriter:
     async def patch(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
         """Write ``status`` (a merge patch of .status); False if the object is gone.
 
-        Raises StatusWriteError for any other refusal. A 401 (rotated credentials) reconnects
-        with fresh ones and tries once more.
+        Transient failures are retried with backoff (see RETRY_SECONDS); raises StatusWriteError
+        for a refusal, aiohttp.ClientError or TimeoutError when the apiserver stays unreachable.
         """
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(RETRY_SECONDS),
+            wait=wait_exponential_jitter(multiplier=0.5, max=8.0),
+            before_sleep=_log_retry(namespace, name),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._patch_once(namespace, name, status)
+        raise AssertionError("unreachable")
+
+    async def _patch_once(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
+        """One write; a 401 (rotated credentials) reconnects with fresh ones and tries again."""
         body = json.dumps({"status": status}, separators=(",", ":"))
         path = self._path.format(namespace=namespace, name=name)
         for fresh in (False, True):
@@ -79,6 +106,25 @@ class StatusWriter:
         if self._conn is not None:
             await self._conn[1].close()
             self._conn = None
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, StatusWriteError):
+        return exc.code in TRANSIENT_CODES
+    return isinstance(exc, aiohttp.ClientError | TimeoutError)
+
+
+def _log_retry(namespace: str, name: str) -> Any:
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.info(
+            "status_write_retry",
+            k8s_ref={"namespace": namespace, "name": name},
+            attempt=state.attempt_number,
+            error=str(exc) or type(exc).__name__,
+        )
+
+    return before_sleep
 
 
 def _message(text: str) -> str:
