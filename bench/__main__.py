@@ -4,7 +4,8 @@ Sizes and durations come from the environment (defaults in brackets):
   BENCH_SCALES=100,300,1000   Orchestrator counts for the scale runs ("" = none)
   BENCH_ECONOMY_N=10          Orchestrators for API economy (0 = skip)
   BENCH_OVERHEAD_N=20         Orchestrators for the overhead ratio (0 = skip)
-  BENCH_OVERHEAD_SECONDS=20   its steady-state window
+  BENCH_OVERHEAD_SECONDS=20   its steady-state window (per round)
+  BENCH_OVERHEAD_ROUNDS=3     controller / bare rounds, interleaved
   BENCH_SCALE_RESYNC=30       resync (s) during the scale runs
   BENCH_LATENCY_MS=20         emulator latency per call for scale and quota runs
   BENCH_QUOTA_N=1000          Orchestrators for quota pacing (0 = skip)
@@ -43,6 +44,7 @@ def config_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> Conf
         economy_n=int(num("BENCH_ECONOMY_N", d.economy_n)),
         overhead_n=int(num("BENCH_OVERHEAD_N", d.overhead_n)),
         overhead_seconds=num("BENCH_OVERHEAD_SECONDS", d.overhead_seconds),
+        overhead_rounds=int(num("BENCH_OVERHEAD_ROUNDS", d.overhead_rounds)),
         scales=scales,
         scale_resync=num("BENCH_SCALE_RESYNC", d.scale_resync),
         latency_ms=int(num("BENCH_LATENCY_MS", d.latency_ms)),

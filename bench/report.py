@@ -73,7 +73,7 @@ def tables(r: Results) -> str:
         o = r.overhead
         out += [
             f"### 2. Overhead — {o.n} Orchestrators, resync {_num(o.resync)} s, "
-            f"{_num(o.window, 1)} s window",
+            f"{len(o.round_ratios) or 1} interleaved rounds, {_num(o.window, 1)} s of windows",
             "",
             "| | checks | calls/check | CPU ms/check |",
             "|---|---:|---:|---:|",
@@ -88,6 +88,9 @@ def tables(r: Results) -> str:
             f"| ratio controller / (bare + status write) | | | {_num(o.floor_ratio)} |",
             "",
         ]
+        if len(o.round_ratios) > 1:
+            each = ", ".join(_num(x) for x in o.round_ratios)
+            out += [f"Ratio per round (controller / bare): {each}; the table pools the rounds.", ""]
     if r.scales:
         s0 = r.scales[0]
         out += [

@@ -21,6 +21,7 @@ SMOKE = Config(
     economy_n=3,
     overhead_n=3,
     overhead_seconds=2,
+    overhead_rounds=2,
     scales=(3,),
     scale_resync=2,
     steady_seconds=1,
