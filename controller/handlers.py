@@ -63,7 +63,8 @@ KUBE_CONNECTIONS = 16
 ESSENCE_CACHE = 10_000
 V = TypeVar("V")
 
-log = logs.get("runwarden.controller")
+LOGGER = "runwarden.controller"
+log = logs.get(LOGGER)
 
 
 def run(settings: Settings) -> None:
@@ -336,7 +337,7 @@ async def drift_loop(
                     if status_patch:
                         await _write_status(loop, memo.status_writer, status_patch)
                 except Exception as exc:  # a bug must not end the loop: retry with backoff
-                    log.exception("loop_crashed", k8s_ref={"namespace": loop.key[0], "name": name})
+                    log.exception("loop_crashed", k8s_ref=_ref(loop))
                     message = f"internal error ({type(exc).__name__})"
                     failure = Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT)
                     loop.schedule(DEFAULT_RESYNC, failure)
@@ -370,12 +371,13 @@ async def _check(
 ) -> dict[str, Any]:
     config: Settings = memo.config
     gateway: Gateway = memo.gateway
-    # A consistent snapshot: the live body may change while we await Google.
+    # A consistent snapshot: the live body may change while we await Google. kopf replaces the
+    # live body's source with each watch event's freshly decoded object and never changes a
+    # delivered one in place, so the status dict taken now stays as it is (and is only read).
     generation = int(body.metadata.get("generation") or 0)
     parsed = _parse(loop, body, generation, config.resync_override)
-    live_status = copy.deepcopy(dict(body.get("status") or {}))
+    live_status = dict(body.get("status") or {})
     history = loop.history(live_status)
-    ref_log = log.bind(k8s_ref={"namespace": loop.key[0], "name": loop.key[1]})
 
     started = time.monotonic()
     resync = config.resync_override or DEFAULT_RESYNC
@@ -403,7 +405,7 @@ async def _check(
                 status.prior_of(history, generation),
             )
         except Exception as exc:  # a bug must not stop the loop nor leave status stale
-            ref_log.exception("check_crashed", error=type(exc).__name__)
+            log.exception("check_crashed", k8s_ref=_ref(loop), error=type(exc).__name__)
             message = f"internal error ({type(exc).__name__}); see the controller log"
             update = reconcile.failed(Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT), ())
         if listener is not None:
@@ -429,6 +431,9 @@ async def _check(
         metrics.DRIFT_REPAIRS.labels(aspect=aspect.value).inc()
     metrics.set_ready(loop.key[0], loop.key[1], "True" if update.ready.status else "False")
 
+    if result == "synced" and not logging.getLogger(LOGGER).isEnabledFor(logging.DEBUG):
+        return status_patch  # the steady state: nothing to log at INFO
+    ref_log = log.bind(k8s_ref=_ref(loop))
     fields: dict[str, Any] = {
         "result": result,
         "reason": str(update.ready.reason),
@@ -447,6 +452,10 @@ async def _check(
     else:
         ref_log.debug("check", **fields)
     return status_patch
+
+
+def _ref(loop: DriftLoop) -> dict[str, str]:
+    return {"namespace": loop.key[0], "name": loop.key[1]}
 
 
 def _parse(
