@@ -280,6 +280,7 @@ def _session(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=KUBE_CONNECTIONS, ssl=info.as_ssl_context()),
         headers=info.as_http_headers(),
+        cookie_jar=aiohttp.DummyCookieJar(),  # the apiserver sets none; skip the jar per request
         proxy=info.proxy_url,
         trust_env=info.trust_env,
     )

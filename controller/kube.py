@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
+import yarl
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -34,6 +35,7 @@ MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 RETRY_ATTEMPTS = 6
 RETRY_SECONDS = 20.0
 TRANSIENT_CODES = frozenset({429, 500, 502, 503, 504})
+URL_CACHE = 10_000
 
 log = logs.get("runwarden.kube")
 
@@ -53,6 +55,7 @@ class StatusWriter:
         self._connect = connect
         self._path = f"/apis/{group}/{version}/namespaces/{{namespace}}/{plural}/{{name}}/status"
         self._conn: tuple[str, aiohttp.ClientSession] | None = None
+        self._urls: dict[tuple[str, str, str], yarl.URL] = {}
 
     async def patch(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
         """Write ``status`` (a merge patch of .status); False if the object is gone.
@@ -60,6 +63,12 @@ class StatusWriter:
         Transient failures are retried with backoff (see RETRY_SECONDS); raises StatusWriteError
         for a refusal, aiohttp.ClientError or TimeoutError when the apiserver stays unreachable.
         """
+        try:  # the usual case, without building tenacity's state machine for every write
+            return await self._patch_once(namespace, name, status)
+        except (StatusWriteError, aiohttp.ClientError, TimeoutError) as exc:
+            if not _transient(exc):
+                raise
+        # At once again (a keep-alive connection the apiserver closed), then with backoff.
         retrying = AsyncRetrying(
             retry=retry_if_exception(_transient),
             stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(RETRY_SECONDS),
@@ -75,11 +84,10 @@ class StatusWriter:
     async def _patch_once(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
         """One write; a 401 (rotated credentials) reconnects with fresh ones and tries again."""
         body = json.dumps({"status": status}, separators=(",", ":"))
-        path = self._path.format(namespace=namespace, name=name)
         for fresh in (False, True):
             server, session = self._session(fresh)
             async with session.patch(
-                server + path, data=body, headers=MERGE_PATCH, timeout=TIMEOUT
+                self._url(server, namespace, name), data=body, headers=MERGE_PATCH, timeout=TIMEOUT
             ) as resp:
                 # The reply is the whole object; the watch brings it to kopf anyway.
                 text = (await resp.read()).decode(errors="replace")
@@ -91,6 +99,17 @@ class StatusWriter:
                     continue
                 raise StatusWriteError(resp.status, _message(text))
         raise AssertionError("unreachable")
+
+    def _url(self, server: str, namespace: str, name: str) -> yarl.URL:
+        """The status URL, parsed once per object (names are DNS labels: nothing to quote)."""
+        key = (server, namespace, name)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= URL_CACHE:
+                self._urls.clear()
+            path = self._path.format(namespace=namespace, name=name)
+            url = self._urls[key] = yarl.URL(server + path, encoded=True)
+        return url
 
     def _session(self, fresh: bool) -> tuple[str, aiohttp.ClientSession]:
         if self._conn is None or fresh:
