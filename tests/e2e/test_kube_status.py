@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 
-from controller.kube import StatusWriteError, StatusWriter
+from controller.kube import Connect, StatusWriteError, StatusWriter
 from tests.fixtures.k8s import ControlPlane
 
 pytestmark = pytest.mark.e2e
@@ -23,12 +26,27 @@ BODY: dict[str, Any] = {
 }
 
 
-def _connect(kubeconfig: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The controller's own connect (kopf's credentials from KUBECONFIG)."""
-    from controller import handlers  # imports kopf: only inside the test
+def _connect(kubeconfig: str, tmp: Path) -> Connect:
+    """A session with the kubeconfig's client certificate. (Not the controller's own connect:
+    that imports kopf, whose Event-posting log handler later unit tests do not expect.)"""
+    config = json.loads(Path(kubeconfig).read_text())
+    cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+    files = {}
+    for key, name in (
+        ("certificate-authority-data", "ca.crt"),
+        ("client-certificate-data", "client.crt"),
+        ("client-key-data", "client.key"),
+    ):
+        files[name] = tmp / name
+        files[name].write_bytes(base64.b64decode(cluster.get(key) or user[key]))
+    context = ssl.create_default_context(cafile=str(files["ca.crt"]))
+    context.load_cert_chain(str(files["client.crt"]), str(files["client.key"]))
 
-    monkeypatch.setenv("KUBECONFIG", kubeconfig)
-    return handlers._connect
+    def connect() -> tuple[str, aiohttp.ClientSession]:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+        return str(cluster["server"]), session
+
+    return connect
 
 
 def _status(cp: ControlPlane, namespace: str) -> dict[str, Any]:
@@ -37,10 +55,10 @@ def _status(cp: ControlPlane, namespace: str) -> dict[str, Any]:
 
 
 async def test_merge_patches_status_and_reports_a_missing_object(
-    crds: ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch
+    crds: ControlPlane, namespace: str, tmp_path: Path
 ) -> None:
     crds.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(BODY))
-    writer = StatusWriter(_connect(crds.kubeconfig, monkeypatch), GROUP, VERSION, PLURAL)
+    writer = StatusWriter(_connect(crds.kubeconfig, tmp_path), GROUP, VERSION, PLURAL)
     try:
         stamp = "2026-11-28T18:00:00Z"
         assert await writer.patch(
@@ -63,12 +81,10 @@ async def test_merge_patches_status_and_reports_a_missing_object(
         await writer.close()
 
 
-async def test_reconnects_once_on_401(
-    crds: ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_reconnects_once_on_401(crds: ControlPlane, namespace: str, tmp_path: Path) -> None:
     """Rotated credentials: the first session's token is refused, the writer connects again."""
     crds.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(BODY))
-    good = _connect(crds.kubeconfig, monkeypatch)
+    good = _connect(crds.kubeconfig, tmp_path)
     calls: list[str] = []
 
     def connect() -> tuple[str, aiohttp.ClientSession] | None:
@@ -79,8 +95,7 @@ async def test_reconnects_once_on_401(
                 headers={"Authorization": "Bearer expired-token"},
             )
             return crds.server, stale
-        found: tuple[str, aiohttp.ClientSession] | None = good()
-        return found
+        return good()
 
     writer = StatusWriter(connect, GROUP, VERSION, PLURAL)
     try:
