@@ -214,6 +214,11 @@ class AuditRouter:
         self._timers.add(handle)
         return handle
 
+    @property
+    def pending(self) -> int:
+        """Debounce, deferral and hold timers still to fire (0: nothing will wake by itself)."""
+        return len(self._timers)
+
     def close(self) -> None:
         for handle in list(self._timers):
             handle.cancel()

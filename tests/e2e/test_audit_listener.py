@@ -15,6 +15,7 @@ from cloudrun_emulator.testing import PubSubEmulatorProcess
 from controller.audit import AuditEntry, Ignored, OwnWrites, Parsed, Result
 from controller.auditsub import AuditListener, AuditRouter
 from controller.model import ServiceRef, WriteRecord
+from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,11 +63,7 @@ def entry(principal: str) -> bytes:
 
 
 async def until(predicate: Callable[[], object], within: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
+    await wait_until(predicate, within, interval=0.05)
 
 
 async def test_listener_survives_a_missing_subscription_and_delivers_into_the_loop(

@@ -7,7 +7,6 @@ each reconcile. The full path through kopf and the apiserver is in test_controll
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from controller.model import Aspect, Desired, Managed, RolloutState, StatusUpdat
 from controller.plan import plan
 from controller.reconcile import Prior, reconcile, revoke
 from controller.spec import parse
+from tests.fixtures.wait import wait_until
 
 PROJECT = "runwarden-test"
 REGION = "us-west2"
@@ -327,10 +327,12 @@ async def test_rollout_in_progress_is_not_failed(fresh_emulator: EmulatorProcess
         rolling = asyncio.ensure_future(
             writer.update_service(observed, plan(other, observed, Managed()))
         )
-        deadline = time.monotonic() + 10
-        while not admin.get_service(PROJECT, REGION, "progress")["reconciling"]:
-            assert time.monotonic() < deadline, "the rollout never started"
-            await asyncio.sleep(0.02)
+        await wait_until(
+            lambda: admin.get_service(PROJECT, REGION, "progress")["reconciling"],
+            10,
+            interval=0.02,
+            message="the rollout never started",
+        )
 
         seen = await writer.observe(desired.ref, "")
         assert seen.rollout.state is RolloutState.IN_PROGRESS

@@ -24,6 +24,7 @@ from controller.model import (
     StatusUpdate,
     WriteRecord,
 )
+from tests.fixtures.wait import wait_until
 
 REF = ServiceRef("p-audit", "us-west2", "svc")
 UNMANAGED = ServiceRef("p-audit", "us-west2", "nobody-manages-me")
@@ -66,11 +67,12 @@ def count(result: Result) -> float:
 
 
 async def until(predicate: Callable[[], object], within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
+    await wait_until(predicate, within)
+
+
+async def idle(h: Harness) -> None:
+    """Until no timer of the router is left: from then on nothing wakes by itself."""
+    await until(lambda: h.router.pending == 0)
 
 
 def repaired(wrote: WriteRecord | None = None) -> StatusUpdate:
@@ -90,7 +92,7 @@ async def test_a_burst_of_foreign_entries_wakes_once_after_the_debounce() -> Non
         h.router.receive(h.entry(method=method))
     assert h.woken == []  # not before the window closes
     await until(lambda: h.woken)
-    await asyncio.sleep(DEBOUNCE * 3)
+    await idle(h)
     assert h.woken == [(REF, "audit")]
     assert count(Result.MATCHED) == before + 3
 
@@ -101,7 +103,7 @@ async def test_unmanaged_and_malformed_wake_nothing() -> None:
     h.router.receive(h.entry(ref=UNMANAGED))
     h.router.receive(Ignored(Result.MALFORMED, "not JSON"))
     h.router.receive(Ignored(Result.UNMATCHED, "method GetService"))
-    await asyncio.sleep(DEBOUNCE * 4)
+    await idle(h)
     assert h.woken == []
     assert count(Result.UNMATCHED) == unmatched + 2
     assert count(Result.MALFORMED) == malformed + 1
@@ -112,7 +114,7 @@ async def test_own_recorded_write_is_ignored() -> None:
     h.records[REF] = WriteRecord(generation=3)
     own = count(Result.OWN)
     h.router.receive(h.entry(OWN, generation=3))
-    await asyncio.sleep(DEBOUNCE * 4)
+    await idle(h)
     assert h.woken == []
     assert count(Result.OWN) == own + 1
 
@@ -125,7 +127,7 @@ async def test_own_entry_arriving_before_the_write_is_recorded_waits_for_the_rec
     await asyncio.sleep(DEBOUNCE * 2.5)
     h.router.end_check(REF, repaired(WriteRecord(generation=4)))  # now it is recorded
     await until(lambda: count(Result.OWN) == own + 1)
-    await asyncio.sleep(DEBOUNCE * 3)
+    await idle(h)
     assert h.woken == []
 
 
@@ -171,8 +173,9 @@ async def test_a_fight_holds_repairs_names_the_principal_and_looks_again_after()
 
     # During the hold: audit entries wake nothing, checks are told to only report ...
     h.woken.clear()
+    assert h.router.pending == 1  # the hold's own timer
     h.router.receive(h.entry("ci@pipeline.example.com"))
-    await asyncio.sleep(DEBOUNCE * 3)
+    await until(lambda: h.router.pending == 1)  # the entry's debounce is over
     assert h.woken == []
     hold = h.router.begin_check(REF, ("resync",))
     assert hold is not None
@@ -185,6 +188,7 @@ async def test_a_fight_holds_repairs_names_the_principal_and_looks_again_after()
 async def test_close_cancels_pending_wakes() -> None:
     h = Harness()
     h.router.receive(h.entry())
+    assert h.router.pending == 1
     h.router.close()
-    await asyncio.sleep(DEBOUNCE * 3)
+    assert h.router.pending == 0  # cancelled: nothing left to fire
     assert h.woken == []

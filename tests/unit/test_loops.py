@@ -168,6 +168,12 @@ async def test_loop_forgets_posted_warnings_on_a_spec_change() -> None:
     assert loop_.events_to_post([denied]) == (denied,)
 
 
+async def finishes(task: asyncio.Task[tuple[str, ...]], within: float = 0.05) -> bool:
+    """Whether a wait ends within ``within`` seconds (for "not woken": it must not)."""
+    done, _ = await asyncio.wait({task}, timeout=within)
+    return bool(done)
+
+
 async def test_wake_by_service_and_object() -> None:
     registry = Registry()
     a = registry.loop("ns", "a")
@@ -177,8 +183,7 @@ async def test_wake_by_service_and_object() -> None:
     loop = asyncio.get_running_loop()
     a.due = b.due = loop.time() + 3600
     waiting = asyncio.create_task(a.wait())
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
+    assert not await finishes(waiting)
     assert registry.wake_service(REF, reason="audit") == 1
     assert await asyncio.wait_for(waiting, 1) == ("audit",)
     assert registry.wake_object("ns", "b", reason="spec-update")
@@ -195,8 +200,7 @@ async def test_due_check_runs_without_wake_and_stop_ends_the_wait() -> None:
 
     loop_.due = asyncio.get_running_loop().time() + 3600
     waiting = asyncio.create_task(loop_.wait())
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
+    assert not await finishes(waiting)
     loop_.stop()
     assert await asyncio.wait_for(waiting, 2) == ()
     loop_.wake("audit")  # a stopped loop stays stopped
@@ -207,8 +211,7 @@ async def test_infinite_delay_waits_until_woken() -> None:
     loop_ = Registry().loop("ns", "a")
     loop_.due = math.inf  # a spec error: only a spec change wakes the loop
     waiting = asyncio.create_task(loop_.wait())
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
+    assert not await finishes(waiting)
     loop_.wake("spec-update", generation=2)
     assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
 
@@ -239,13 +242,11 @@ async def test_spec_wake_for_a_generation_already_checked_is_dropped() -> None:
     assert loop_.checked_generation == 3
 
     waiting = asyncio.create_task(loop_.wait())
-    await asyncio.sleep(0.05)
-    assert not waiting.done()  # not woken: nothing new
+    assert not await finishes(waiting)  # not woken: nothing new
     assert loop_.due - aio.time() > 1000  # still due only at the resync
 
     loop_.wake("spec-update", generation=2)  # an older event delivered late: also seen
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
+    assert not await finishes(waiting)
     loop_.wake("spec-update", generation=4)  # a newer spec: check
     assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
 
