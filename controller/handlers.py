@@ -180,7 +180,7 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
             essence: kopf.BodyEssence = cached[1]
             return essence
         essence = super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=extra)
-        # The cache keeps its own copy of the inputs: the live body is updated in place.
+        # A copy of the inputs: what is compared next time must not share dicts with a body.
         self._built.put(key, (copy.deepcopy(inputs), essence))
         return essence
 
@@ -356,15 +356,10 @@ async def _write_status(
     """Write a check's status (the writer retries transient failures for a while). A write that
     still fails is logged and made again by the next check: the loop keeps it as written
     (history), and the live status still differs from it."""
-    namespace, name = loop.key
     try:
-        await writer.patch(namespace, name, status_patch)
+        await writer.patch(*loop.key, status_patch)
     except (kube.StatusWriteError, aiohttp.ClientError, TimeoutError) as exc:
-        log.warning(
-            "status_write_failed",
-            k8s_ref={"namespace": namespace, "name": name},
-            error=str(exc) or type(exc).__name__,
-        )
+        log.warning("status_write_failed", k8s_ref=_ref(loop), error=str(exc) or type(exc).__name__)
 
 
 async def _check(

@@ -65,7 +65,7 @@ class StatusWriter:
         """
         try:  # the usual case, without building tenacity's state machine for every write
             return await self._patch_once(namespace, name, status)
-        except (StatusWriteError, aiohttp.ClientError, TimeoutError) as exc:
+        except Exception as exc:
             if not _transient(exc):
                 raise
         # At once again (a keep-alive connection the apiserver closed), then with backoff.
@@ -159,7 +159,7 @@ _CLOSING: set[asyncio.Task[None]] = set()
 
 
 def _close_later(session: aiohttp.ClientSession) -> None:
-    """Close a replaced session once its requests in flight are done."""
+    """Close a replaced session in the background (its connections go with it)."""
     task = asyncio.get_running_loop().create_task(session.close())
     _CLOSING.add(task)
     task.add_done_callback(_CLOSING.discard)

@@ -12,11 +12,12 @@ from aiohttp import web
 
 from controller.kube import StatusWriteError, StatusWriter
 
+Server = tuple[str, list[tuple[int, str]], list[str]]  # base URL, answers, bodies received
 PATH = "/apis/runwarden.dev/v1alpha1/namespaces/ns/orchestrators/{name}/status"
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[tuple[str, list[tuple[int, str]], list[str]]]:
+async def server() -> AsyncIterator[Server]:
     """(base URL, answers to give in order (status, message), bodies received)."""
     answers: list[tuple[int, str]] = []
     received: list[str] = []
@@ -39,47 +40,35 @@ async def server() -> AsyncIterator[tuple[str, list[tuple[int, str]], list[str]]
     await runner.cleanup()
 
 
-def writer_for(base: str) -> StatusWriter:
-    return StatusWriter(
+@pytest.fixture
+async def writer(server: Server) -> AsyncIterator[StatusWriter]:
+    base = server[0]
+    found = StatusWriter(
         lambda: (base, aiohttp.ClientSession()), "runwarden.dev", "v1alpha1", "orchestrators"
     )
+    yield found
+    await found.close()
 
 
-async def test_transient_failures_are_retried(
-    server: tuple[str, list[tuple[int, str]], list[str]],
-) -> None:
-    base, answers, received = server
+async def test_transient_failures_are_retried(server: Server, writer: StatusWriter) -> None:
+    _, answers, received = server
     answers += [(503, "etcd leader changed"), (429, "too many requests")]
-    writer = writer_for(base)
-    try:
-        assert await writer.patch("ns", "a", {"lastSyncTime": "2026-11-28T18:00:00Z"})
-    finally:
-        await writer.close()
+    assert await writer.patch("ns", "a", {"lastSyncTime": "2026-11-28T18:00:00Z"})
     assert len(received) == 3
     assert json.loads(received[-1]) == {"status": {"lastSyncTime": "2026-11-28T18:00:00Z"}}
 
 
 async def test_a_refusal_is_not_retried_and_names_the_field(
-    server: tuple[str, list[tuple[int, str]], list[str]],
+    server: Server, writer: StatusWriter
 ) -> None:
-    base, answers, received = server
+    _, answers, received = server
     answers.append((422, 'Orchestrator "a" is invalid: status.drift.count: Invalid value'))
-    writer = writer_for(base)
-    try:
-        with pytest.raises(StatusWriteError, match=r"status\.drift\.count") as refused:
-            await writer.patch("ns", "a", {"drift": {"count": "x"}})
-    finally:
-        await writer.close()
+    with pytest.raises(StatusWriteError, match=r"status\.drift\.count") as refused:
+        await writer.patch("ns", "a", {"drift": {"count": "x"}})
     assert refused.value.code == 422 and len(received) == 1
 
 
-async def test_a_deleted_object_is_not_an_error(
-    server: tuple[str, list[tuple[int, str]], list[str]],
-) -> None:
-    base, answers, _ = server
+async def test_a_deleted_object_is_not_an_error(server: Server, writer: StatusWriter) -> None:
+    _, answers, _ = server
     answers.append((404, "not found"))
-    writer = writer_for(base)
-    try:
-        assert await writer.patch("ns", "gone", {"drift": {"count": 1}}) is False
-    finally:
-        await writer.close()
+    assert await writer.patch("ns", "gone", {"drift": {"count": 1}}) is False
