@@ -21,6 +21,8 @@ testenv:
 lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/ruff check controller cloudrun_emulator tests bench
+	$(BIN)/ruff format --check controller cloudrun_emulator tests bench
+	$(BIN)/mypy --strict controller
 
 unit: venv
 	$(BIN)/pytest tests/unit -q

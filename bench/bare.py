@@ -3,10 +3,11 @@
     python -m bench.bare --endpoint HOST:PORT --rate R --checks C SERVICE...
     python -m bench.bare ... --patch-status NAMESPACE SERVICE...   # KUBECONFIG from the env
 
-Same clients as the controller (controller.clients.make_clients), same requests (GetService, then
-GetIamPolicy with policy version 3), same emulator, at the same rate the controller checked at,
-round-robin over the same services. Prints JSON: the process CPU seconds spent from the first to
-the last check (interpreter start-up and imports excluded, as the controller's start-up is).
+Same clients as the controller (controller.gcp.clients.make_clients), same requests
+(GetService, then GetIamPolicy with policy version 3), same emulator, at the same rate the
+controller checked at, round-robin over the same services. Prints JSON: the process CPU seconds
+spent from the first to the last check (interpreter start-up and imports excluded, as the
+controller's start-up is).
 
 With --patch-status, each check also writes the Orchestrator's status.lastSyncTime (one merge
 patch of the status subresource, the Orchestrator named like its service) the way the contract
@@ -26,7 +27,7 @@ import kopf
 from google.cloud import run_v2
 from google.iam.v1 import iam_policy_pb2, options_pb2
 
-from controller.clients import make_clients
+from controller.gcp.clients import make_clients
 
 
 async def main(endpoint: str, project: str, region: str, services: list[str], rate: float,

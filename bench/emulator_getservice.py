@@ -19,7 +19,7 @@ from typing import Any
 
 from cloudrun_emulator.admin import AdminClient
 from cloudrun_emulator.testing import EmulatorProcess
-from controller.clients import make_clients
+from controller.gcp.clients import make_clients
 
 PROJECT = "bench-project"
 REGION = "us-west2"

@@ -190,7 +190,7 @@ _METHOD = """## How it is measured
 - **Overhead**: process CPU (utime+stime from /proc) of the controller over a steady-state window
   divided by the checks it made (`runwarden_reconcile_total`), against `python -m bench.bare`,
   which makes the same number of checks (GetService + GetIamPolicy, same clients from
-  `controller.clients.make_clients`, same emulator) at the same rate, measured with
+  `controller.gcp.clients.make_clients`, same emulator) at the same rate, measured with
   `time.process_time()` around the calls. The controller's figure includes everything a check
   costs it: the status patch (`lastSyncTime`) and kopf's handling of the watch event it causes.
 - **Scale**: services exist in the emulator as someone else deployed them (no declared env,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controller import logs
+from controller.obs import logs
 from controller.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_cli(argv)
     logs.configure(settings.log_format)
-    from controller import handlers  # registers the kopf handlers; after logging is set up
+    from controller.operator import handlers  # registers the kopf handlers; after logging is set up
 
     handlers.run(settings)
 

@@ -7,16 +7,13 @@ finds nothing to do costs one GetService and one GetIamPolicy, and writes nothin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from controller.gateway import Gateway, GatewayError, ServiceAccountMissing
-from controller.model import (
+from controller.domain.model import (
     SERVICE_ASPECTS,
     Aspect,
     Change,
-    Condition,
     Desired,
-    DriftReport,
     Event,
     Failure,
     Managed,
@@ -28,26 +25,12 @@ from controller.model import (
     StatusUpdate,
     WriteRecord,
 )
-from controller.plan import managed_after, plan, restrict, revoke_plan
+from controller.domain.outcome import Prior, failed, in_sync, outcome, report_only, summary
+from controller.domain.plan import plan, restrict, revoke_plan
+from controller.gcp.errors import GatewayError, ServiceAccountMissing
+from controller.gcp.gateway import Gateway
 
-CONDITION_TYPES = {
-    Aspect.ENV: "EnvSynced",
-    Aspect.INVOKERS: "InvokersSynced",
-    Aspect.SETTINGS: "SettingsSynced",
-}
 _SA_PREFIX = "serviceAccount:"
-
-
-@dataclass(frozen=True)
-class Prior:
-    """What earlier checks left in status, as far as this reconcile cares."""
-
-    # Aspects that held the spec at the current generation at some check (condition True then;
-    # status.drift.syncedGeneration keeps it past a failed repair attempt): a change needed there
-    # now is drift (someone else changed the service), not the spec being applied.
-    synced: frozenset[Aspect] = frozenset()
-    ready: bool = False  # Ready is True already: success needs no Synced Event
-    pending: tuple[str, ...] = ()  # status.drift.pending
 
 
 async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prior) -> StatusUpdate:
@@ -58,9 +41,9 @@ async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prio
         return failed(exc.failure(), events=())
     p = plan(desired, observed, managed)
     if desired.policy.mode is Mode.OBSERVE:
-        return _report_only(p, observed, prior)
+        return report_only(p, observed, prior)
     if p.empty:
-        return _in_sync(p, observed, prior)
+        return in_sync(p, observed, prior)
     return await _enforce(gw, desired, observed, p, managed, prior)
 
 
@@ -89,95 +72,6 @@ async def revoke(gw: Gateway, target: Desired, managed: Managed) -> tuple[str, .
     return tuple(p.lines())
 
 
-def failed(failure: Failure, events: tuple[Event, ...]) -> StatusUpdate:
-    """Nothing could be checked (the service could not be read, or the spec is invalid)."""
-    return StatusUpdate(
-        ready=Condition("Ready", False, failure.reason, failure.message),
-        aspects={
-            a: Condition(CONDITION_TYPES[a], False, failure.reason, failure.message) for a in Aspect
-        },
-        checked=False,
-        events=events,
-        failure=failure,
-    )
-
-
-def _in_sync(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
-    events: tuple[Event, ...] = ()
-    if not prior.ready:
-        events = (Event("Normal", Reason.SYNCED, f"service {observed.ref} holds the spec"),)
-    return StatusUpdate(
-        ready=Condition("Ready", True, Reason.SYNCED, "the service holds the spec"),
-        aspects={a: Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync") for a in Aspect},
-        checked=True,
-        managed=p.managed,
-        uri=observed.uri,
-        latest_ready_revision=observed.latest_ready_revision,
-        pending=(),
-        events=events,
-    )
-
-
-def _report_only(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
-    """Observe mode: the same plan, reported, never applied."""
-    drift = tuple(p.lines())
-    pending = drift
-    retry = p.rollout_retry
-    if retry is not None:
-        pending += (f"rollout retry (revision {retry.failed_revision} failed)",)
-    if not pending:
-        update = _in_sync(p, observed, prior)
-        return replace(update, managed=None)
-    news = pending != prior.pending
-    events: tuple[Event, ...] = ()
-    if news and drift:
-        events = (
-            Event(
-                "Warning",
-                Reason.DRIFT_DETECTED,
-                f"Observe mode, not repairing: {_summary(drift)}",
-            ),
-        )
-    aspects = {
-        a: (
-            Condition(CONDITION_TYPES[a], False, Reason.DRIFT_DETECTED, _summary(p.lines(a)))
-            if a in p.aspects
-            else Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync")
-        )
-        for a in Aspect
-    }
-    ready = Condition(
-        "Ready",
-        False,
-        Reason.DRIFT_DETECTED,
-        f"{len(pending)} change(s) pending, not applied in Observe mode",
-    )
-    if retry is not None:
-        failed = _revision_failed(observed, retry.failed_revision, "not retried in Observe mode")
-        ready = Condition("Ready", False, failed.reason, failed.message)
-        for a in SERVICE_ASPECTS - p.aspects:
-            aspects[a] = Condition(CONDITION_TYPES[a], False, failed.reason, failed.message)
-    return StatusUpdate(
-        ready=ready,
-        aspects=aspects,
-        checked=True,
-        uri=observed.uri,
-        latest_ready_revision=observed.latest_ready_revision,
-        pending=pending,
-        drift=DriftReport(detected=drift if news else ()),
-        events=events,
-    )
-
-
-def _revision_failed(observed: Observed, revision: str, then: str) -> Failure:
-    return Failure(
-        Reason.REVISION_FAILED,
-        f"revision {revision} of service {observed.ref} failed to become ready and the previous "
-        f"revision keeps serving; {then}",
-        Retry.SLOWLY,
-    )
-
-
 async def _enforce(
     gw: Gateway, desired: Desired, observed: Observed, p: Plan, managed: Managed, prior: Prior
 ) -> StatusUpdate:
@@ -185,7 +79,7 @@ async def _enforce(
     drift_lines = tuple(line for a in sorted(drift) for line in p.lines(a))
     events: list[Event] = []
     if drift:
-        events.append(Event("Warning", Reason.DRIFT_DETECTED, f"drift: {_summary(drift_lines)}"))
+        events.append(Event("Warning", Reason.DRIFT_DETECTED, f"drift: {summary(drift_lines)}"))
 
     failures: dict[Aspect, Failure] = {}
     try:
@@ -221,7 +115,7 @@ async def _enforce(
     if written:
         after = await _verify(gw, desired, after, p, frozenset(written), dropped, failures, events)
 
-    return _outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+    return outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
 
 
 async def _drop_missing_service_accounts(
@@ -292,81 +186,9 @@ async def _verify(
     if unverified:
         message = (
             "read-back after the write does not hold the spec: "
-            f"{_summary([str(c) for c in unverified])}"
+            f"{summary([str(c) for c in unverified])}"
         )
         for c in unverified:
             failures[c.aspect] = Failure(Reason.VERIFICATION_FAILED, message, Retry.TRANSIENT)
         events.append(Event("Warning", Reason.VERIFICATION_FAILED, message))
     return after
-
-
-def _outcome(
-    p: Plan,
-    after: Observed,
-    managed: Managed,
-    prior: Prior,
-    drift: frozenset[Aspect],
-    drift_lines: tuple[str, ...],
-    failures: dict[Aspect, Failure],
-    events: list[Event],
-    wrote: WriteRecord,
-) -> StatusUpdate:
-    aspects: dict[Aspect, Condition] = {}
-    for a in Aspect:
-        kind = CONDITION_TYPES[a]
-        if a in failures:
-            aspects[a] = Condition(kind, False, failures[a].reason, failures[a].message)
-        elif a in drift:
-            aspects[a] = Condition(
-                kind, True, Reason.DRIFT_REPAIRED, f"repaired: {_summary(p.lines(a))}"
-            )
-        else:
-            aspects[a] = Condition(kind, True, Reason.SYNCED, "in sync")
-
-    repaired = frozenset(a for a in drift if a not in failures)
-    if failures:
-        first = next(failures[a] for a in Aspect if a in failures)
-        message = "; ".join(dict.fromkeys(f.message for f in failures.values()))
-        ready = Condition("Ready", False, first.reason, message)
-    elif drift:
-        ready = Condition(
-            "Ready", True, Reason.DRIFT_REPAIRED, f"repaired drift: {_summary(drift_lines)}"
-        )
-    else:
-        ready = Condition("Ready", True, Reason.SYNCED, "the service holds the spec")
-
-    if repaired:
-        repaired_lines = tuple(line for a in sorted(repaired) for line in p.lines(a))
-        events.append(
-            Event("Normal", Reason.DRIFT_REPAIRED, f"repaired: {_summary(repaired_lines)}")
-        )
-    applied = p.aspects - drift - failures.keys()
-    if applied and not failures:
-        events.append(Event("Normal", Reason.SYNCED, f"applied the spec: {_summary(p.lines())}"))
-    elif not failures and not prior.ready and not applied and not repaired:
-        events.append(Event("Normal", Reason.SYNCED, "the service holds the spec"))
-
-    failure = None
-    if failures:
-        failure = min(failures.values(), key=lambda f: list(Retry).index(f.retry))
-    return StatusUpdate(
-        ready=ready,
-        aspects=aspects,
-        checked=True,
-        managed=managed_after(managed, p, frozenset(Aspect) - failures.keys()),
-        uri=after.uri,
-        latest_ready_revision=after.latest_ready_revision,
-        drift=DriftReport(detected=drift_lines, repaired=bool(repaired), aspects=repaired),
-        pending=(),
-        events=tuple(events),
-        failure=failure,
-        wrote=wrote,
-    )
-
-
-def _summary(lines: list[str] | tuple[str, ...], limit: int = 10) -> str:
-    lines = list(lines)
-    text = ", ".join(lines[:limit])
-    if len(lines) > limit:
-        text += f" and {len(lines) - limit} more"
-    return text

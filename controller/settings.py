@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from controller.pacing import MIN_PER_MINUTE
+from controller.gcp.budget import MIN_PER_MINUTE
 
 ENV_GCP_ENDPOINT = "RUNWARDEN_GCP_ENDPOINT"
 ENV_RESYNC_SECONDS = "RUNWARDEN_RESYNC_SECONDS"
@@ -43,7 +43,7 @@ class Settings:
     audit_debounce: float = 1.0  # seconds to gather one service's entries before a check
     fight_threshold: int = 5  # > this many repairs of one service in the window: DriftFight
     fight_window: float = 600.0  # seconds
-    # Cloud Run Admin API calls per minute per region; None = unlimited (controller.pacing).
+    # Cloud Run Admin API calls per minute per region; None = unlimited (controller.gcp.budget).
     reads_per_minute: float | None = DEFAULT_READS_PER_MINUTE
     writes_per_minute: float | None = DEFAULT_WRITES_PER_MINUTE
 

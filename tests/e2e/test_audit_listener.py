@@ -1,5 +1,5 @@
-"""controller.auditsub.AuditListener in-process on the real Pub/Sub emulator: streaming pull into
-the event loop, ack of everything, and a subscription that is missing at first."""
+"""controller.audit.listener.AuditListener in-process on the real Pub/Sub emulator: streaming
+pull into the event loop, ack of everything, and a subscription that is missing at first."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import pytest
 from google.cloud import pubsub_v1
 
 from cloudrun_emulator.testing import PubSubEmulatorProcess
-from controller.audit import AuditEntry, Ignored, OwnWrites, Parsed, Result
-from controller.auditsub import AuditListener, AuditRouter
-from controller.model import ServiceRef, WriteRecord
+from controller.audit.entries import AuditEntry, Ignored, Parsed, Result
+from controller.audit.listener import AuditListener
+from controller.audit.provenance import OwnWrites
+from controller.audit.router import AuditRouter
+from controller.domain.model import ServiceRef, WriteRecord
 from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.e2e

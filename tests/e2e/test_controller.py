@@ -16,7 +16,7 @@ from google.cloud import run_v2
 from google.iam.v1 import iam_policy_pb2
 
 from cloudrun_emulator.testing import EmulatorProcess
-from controller.clients import make_clients
+from controller.gcp.clients import make_clients
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for

@@ -1,4 +1,5 @@
-"""controller.kube.StatusWriter on the real kube-apiserver: the status write of every check."""
+"""controller.kube.status_writer.StatusWriter on the real kube-apiserver: the status write of
+every check."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from controller.kube import Connect, StatusWriteError, StatusWriter
+from controller.kube.status_writer import Connect, StatusWriteError, StatusWriter
 from tests.fixtures.k8s import ControlPlane
 
 pytestmark = pytest.mark.e2e

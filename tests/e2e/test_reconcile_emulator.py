@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from cloudrun_emulator.testing import EmulatorProcess
-from controller.clients import make_clients
-from controller.gateway import Gateway
-from controller.model import Aspect, Desired, Managed, RolloutState, StatusUpdate
-from controller.plan import plan
-from controller.reconcile import Prior, reconcile, revoke
-from controller.spec import parse
+from controller.domain.model import Aspect, Desired, Managed, RolloutState, StatusUpdate
+from controller.domain.outcome import Prior
+from controller.domain.plan import plan
+from controller.domain.spec import parse
+from controller.gcp.clients import make_clients
+from controller.gcp.gateway import Gateway
+from controller.reconcile import reconcile, revoke
 from tests.fixtures.wait import wait_until
 
 PROJECT = "runwarden-test"

@@ -9,7 +9,7 @@ import pytest
 
 from cloudrun_emulator.admin import AdminClient
 from cloudrun_emulator.testing import EmulatorProcess
-from controller.clients import Clients, make_clients
+from controller.gcp.clients import Clients, make_clients
 
 PROJECT = "emu-test-project"
 REGION = "us-west2"

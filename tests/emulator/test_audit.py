@@ -13,7 +13,7 @@ from google.cloud import pubsub_v1, run_v2
 from google.iam.v1 import policy_pb2
 
 from cloudrun_emulator.testing import EmulatorProcess
-from controller.clients import make_clients
+from controller.gcp.clients import make_clients
 from tests.fixtures.wait import wait_for
 
 PROJECT = "audit-project"

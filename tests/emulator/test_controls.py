@@ -9,7 +9,7 @@ from google.api_core import exceptions as gexc
 from google.iam.v1 import policy_pb2
 from google.rpc import error_details_pb2
 
-from controller.clients import make_clients
+from controller.gcp.clients import make_clients
 
 from .conftest import fresh_deploy
 

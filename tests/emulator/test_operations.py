@@ -8,7 +8,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import run_v2
 from google.longrunning import operations_pb2
 
-from controller.clients import make_clients
+from controller.gcp.clients import make_clients
 from tests.fixtures.wait import wait_for
 
 from .conftest import PROJECT, REGION, fresh_deploy

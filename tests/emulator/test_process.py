@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from cloudrun_emulator.testing import EmulatorProcess, EmulatorStartError
-from controller.clients import make_clients
+from controller.gcp.clients import make_clients
 from tests.fixtures.wait import wait_for
 
 SEED = textwrap.dedent(

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from cloudrun_emulator.testing import EmulatorProcess
-from controller.gateway import READ_RETRY
-from controller.loops import QUOTA_BACKOFF
+from controller.gcp.gateway import READ_RETRY
+from controller.schedule.backoff import QUOTA_BACKOFF
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for

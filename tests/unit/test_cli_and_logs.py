@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
-from controller import logs
+from controller.obs import logs
 from controller.settings import Settings
 
 
@@ -81,8 +82,12 @@ def test_kopf_records_become_json_with_k8s_ref_and_no_settings(
         "name": "orch",
         "uid": "u-1",
     }
+    # kopf's own settings shape: once kopf is imported (by another test in the same session), its
+    # Event-posting handler on kopf.objects reads settings.posting of every record.
+    posting = SimpleNamespace(enabled=False, level=logging.CRITICAL, loggers=False)
+    settings = SimpleNamespace(posting=posting)
     logging.getLogger("kopf.objects").warning(
-        "Handler 'x' failed", extra={"k8s_ref": ref, "settings": object(), "k8s_skip": False}
+        "Handler 'x' failed", extra={"k8s_ref": ref, "settings": settings, "k8s_skip": False}
     )
     logs.get("runwarden.test").info("drift_repaired", aspect="env", names=["A"])
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]

@@ -6,8 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.gateway import RevisionFailed, Unavailable
-from controller.model import (
+from controller.domain.model import (
     Aspect,
     EnvValue,
     Managed,
@@ -18,10 +17,12 @@ from controller.model import (
     RolloutState,
     ServiceRef,
 )
-from controller.plan import simulate
-from controller.reconcile import Prior, reconcile
-from controller.spec import parse
-from controller.status import build_patch, managed_of, prior_of
+from controller.domain.outcome import Prior
+from controller.domain.plan import simulate
+from controller.domain.spec import parse
+from controller.gcp.errors import RevisionFailed, Unavailable
+from controller.kube.status_patch import build_patch, managed_of, prior_of
+from controller.reconcile import reconcile
 
 REF = ServiceRef("my-project", "us-west2", "svc")
 SPEC = {

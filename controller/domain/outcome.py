@@ -1,0 +1,205 @@
+"""Outcomes: what a check found and did, as conditions, Events and a StatusUpdate. Pure.
+
+The reconcile (controller.reconcile) observes, plans, writes and reads back; these functions turn
+what happened into the StatusUpdate that status and Events are made of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from controller.domain.model import (
+    SERVICE_ASPECTS,
+    Aspect,
+    Condition,
+    DriftReport,
+    Event,
+    Failure,
+    Managed,
+    Observed,
+    Plan,
+    Reason,
+    Retry,
+    StatusUpdate,
+    WriteRecord,
+)
+from controller.domain.plan import managed_after
+
+CONDITION_TYPES = {
+    Aspect.ENV: "EnvSynced",
+    Aspect.INVOKERS: "InvokersSynced",
+    Aspect.SETTINGS: "SettingsSynced",
+}
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What earlier checks left in status, as far as this reconcile cares."""
+
+    # Aspects that held the spec at the current generation at some check (condition True then;
+    # status.drift.syncedGeneration keeps it past a failed repair attempt): a change needed there
+    # now is drift (someone else changed the service), not the spec being applied.
+    synced: frozenset[Aspect] = frozenset()
+    ready: bool = False  # Ready is True already: success needs no Synced Event
+    pending: tuple[str, ...] = ()  # status.drift.pending
+
+
+def failed(failure: Failure, events: tuple[Event, ...]) -> StatusUpdate:
+    """Nothing could be checked (the service could not be read, or the spec is invalid)."""
+    return StatusUpdate(
+        ready=Condition("Ready", False, failure.reason, failure.message),
+        aspects={
+            a: Condition(CONDITION_TYPES[a], False, failure.reason, failure.message) for a in Aspect
+        },
+        checked=False,
+        events=events,
+        failure=failure,
+    )
+
+
+def in_sync(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
+    events: tuple[Event, ...] = ()
+    if not prior.ready:
+        events = (Event("Normal", Reason.SYNCED, f"service {observed.ref} holds the spec"),)
+    return StatusUpdate(
+        ready=Condition("Ready", True, Reason.SYNCED, "the service holds the spec"),
+        aspects={a: Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync") for a in Aspect},
+        checked=True,
+        managed=p.managed,
+        uri=observed.uri,
+        latest_ready_revision=observed.latest_ready_revision,
+        pending=(),
+        events=events,
+    )
+
+
+def report_only(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
+    """Observe mode: the same plan, reported, never applied."""
+    drift = tuple(p.lines())
+    pending = drift
+    retry = p.rollout_retry
+    if retry is not None:
+        pending += (f"rollout retry (revision {retry.failed_revision} failed)",)
+    if not pending:
+        update = in_sync(p, observed, prior)
+        return replace(update, managed=None)
+    news = pending != prior.pending
+    events: tuple[Event, ...] = ()
+    if news and drift:
+        events = (
+            Event(
+                "Warning",
+                Reason.DRIFT_DETECTED,
+                f"Observe mode, not repairing: {summary(drift)}",
+            ),
+        )
+    aspects = {
+        a: (
+            Condition(CONDITION_TYPES[a], False, Reason.DRIFT_DETECTED, summary(p.lines(a)))
+            if a in p.aspects
+            else Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync")
+        )
+        for a in Aspect
+    }
+    ready = Condition(
+        "Ready",
+        False,
+        Reason.DRIFT_DETECTED,
+        f"{len(pending)} change(s) pending, not applied in Observe mode",
+    )
+    if retry is not None:
+        failed = revision_failed(observed, retry.failed_revision, "not retried in Observe mode")
+        ready = Condition("Ready", False, failed.reason, failed.message)
+        for a in SERVICE_ASPECTS - p.aspects:
+            aspects[a] = Condition(CONDITION_TYPES[a], False, failed.reason, failed.message)
+    return StatusUpdate(
+        ready=ready,
+        aspects=aspects,
+        checked=True,
+        uri=observed.uri,
+        latest_ready_revision=observed.latest_ready_revision,
+        pending=pending,
+        drift=DriftReport(detected=drift if news else ()),
+        events=events,
+    )
+
+
+def revision_failed(observed: Observed, revision: str, then: str) -> Failure:
+    return Failure(
+        Reason.REVISION_FAILED,
+        f"revision {revision} of service {observed.ref} failed to become ready and the previous "
+        f"revision keeps serving; {then}",
+        Retry.SLOWLY,
+    )
+
+
+def outcome(
+    p: Plan,
+    after: Observed,
+    managed: Managed,
+    prior: Prior,
+    drift: frozenset[Aspect],
+    drift_lines: tuple[str, ...],
+    failures: dict[Aspect, Failure],
+    events: list[Event],
+    wrote: WriteRecord,
+) -> StatusUpdate:
+    aspects: dict[Aspect, Condition] = {}
+    for a in Aspect:
+        kind = CONDITION_TYPES[a]
+        if a in failures:
+            aspects[a] = Condition(kind, False, failures[a].reason, failures[a].message)
+        elif a in drift:
+            aspects[a] = Condition(
+                kind, True, Reason.DRIFT_REPAIRED, f"repaired: {summary(p.lines(a))}"
+            )
+        else:
+            aspects[a] = Condition(kind, True, Reason.SYNCED, "in sync")
+
+    repaired = frozenset(a for a in drift if a not in failures)
+    if failures:
+        first = next(failures[a] for a in Aspect if a in failures)
+        message = "; ".join(dict.fromkeys(f.message for f in failures.values()))
+        ready = Condition("Ready", False, first.reason, message)
+    elif drift:
+        ready = Condition(
+            "Ready", True, Reason.DRIFT_REPAIRED, f"repaired drift: {summary(drift_lines)}"
+        )
+    else:
+        ready = Condition("Ready", True, Reason.SYNCED, "the service holds the spec")
+
+    if repaired:
+        repaired_lines = tuple(line for a in sorted(repaired) for line in p.lines(a))
+        events.append(
+            Event("Normal", Reason.DRIFT_REPAIRED, f"repaired: {summary(repaired_lines)}")
+        )
+    applied = p.aspects - drift - failures.keys()
+    if applied and not failures:
+        events.append(Event("Normal", Reason.SYNCED, f"applied the spec: {summary(p.lines())}"))
+    elif not failures and not prior.ready and not applied and not repaired:
+        events.append(Event("Normal", Reason.SYNCED, "the service holds the spec"))
+
+    failure = None
+    if failures:
+        failure = min(failures.values(), key=lambda f: list(Retry).index(f.retry))
+    return StatusUpdate(
+        ready=ready,
+        aspects=aspects,
+        checked=True,
+        managed=managed_after(managed, p, frozenset(Aspect) - failures.keys()),
+        uri=after.uri,
+        latest_ready_revision=after.latest_ready_revision,
+        drift=DriftReport(detected=drift_lines, repaired=bool(repaired), aspects=repaired),
+        pending=(),
+        events=tuple(events),
+        failure=failure,
+        wrote=wrote,
+    )
+
+
+def summary(lines: list[str] | tuple[str, ...], limit: int = 10) -> str:
+    lines = list(lines)
+    text = ", ".join(lines[:limit])
+    if len(lines) > limit:
+        text += f" and {len(lines) - limit} more"
+    return text

@@ -1,0 +1,222 @@
+"""The planner: PURE. plan(desired, observed, managed) -> Plan.
+
+No kopf, no Google, no asyncio (an import-linter contract keeps it so). This is where the
+ownership rules of CONTRACT §1 live; everything else only moves data in and out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from decimal import Decimal, InvalidOperation
+
+from controller.domain.model import (
+    SERVICE_ASPECTS,
+    Aspect,
+    Change,
+    ChangeKind,
+    Desired,
+    EnvPolicy,
+    EnvValue,
+    InvokerPolicy,
+    Managed,
+    Observed,
+    Plan,
+    Rollout,
+    RolloutRetry,
+    SettingValue,
+)
+
+
+def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
+    """The writes that make ``observed`` hold ``desired``, given what this Orchestrator owns.
+
+    Merge env / Additive invokers never remove anything outside ``managed``; Authoritative modes
+    remove everything undeclared (for invokers: within ``desired.role`` only). When the service's
+    latest revision failed, the UpdateService also retries the rollout with the next attempt
+    number, even if nothing else needs writing: the template holds the spec but does not serve.
+    """
+    changes: list[Change] = []
+
+    env_set: dict[str, EnvValue] = {}
+    for name, want in desired.env.items():
+        have = observed.env.get(name)
+        if have is None:
+            env_set[name] = want
+            changes.append(Change(Aspect.ENV, name, ChangeKind.MISSING))
+        elif have != want:
+            env_set[name] = want
+            changes.append(Change(Aspect.ENV, name, ChangeKind.CHANGED))
+    undeclared_env = observed.env.keys() - desired.env.keys()
+    if desired.policy.env is EnvPolicy.AUTHORITATIVE:
+        env_remove = frozenset(undeclared_env)
+    else:
+        env_remove = frozenset(undeclared_env & managed.env)
+    changes += [Change(Aspect.ENV, n, _removal_kind(n, managed.env)) for n in env_remove]
+
+    present = observed.members(desired.role)
+    invokers_add = desired.invokers - present
+    changes += [Change(Aspect.INVOKERS, m, ChangeKind.MISSING) for m in invokers_add]
+    if desired.policy.invokers is InvokerPolicy.AUTHORITATIVE:
+        invokers_remove = present - desired.invokers
+    else:
+        invokers_remove = (present - desired.invokers) & managed.invokers
+    changes += [
+        Change(Aspect.INVOKERS, m, _removal_kind(m, managed.invokers)) for m in invokers_remove
+    ]
+
+    settings_set: dict[str, SettingValue] = {}
+    for key, want_setting in desired.settings.items():
+        have_setting = observed.settings.get(key)
+        if have_setting is None or not setting_equal(key, want_setting, have_setting):
+            settings_set[key] = want_setting
+            kind = ChangeKind.MISSING if have_setting is None else ChangeKind.CHANGED
+            changes.append(Change(Aspect.SETTINGS, key, kind))
+
+    return Plan(
+        env_set=env_set,
+        env_remove=env_remove,
+        settings_set=settings_set,
+        role=desired.role,
+        invokers_add=frozenset(invokers_add),
+        invokers_remove=frozenset(invokers_remove),
+        changes=tuple(sorted(changes)),
+        managed=Managed(env=frozenset(desired.env), invokers=desired.invokers),
+        rollout_retry=rollout_retry(observed.rollout),
+    )
+
+
+def rollout_retry(rollout: Rollout) -> RolloutRetry | None:
+    """A failed rollout is retried with the next attempt number; one in progress is left alone."""
+    if not rollout.failed:
+        return None
+    return RolloutRetry(rollout.latest_created_revision, rollout.attempt + 1)
+
+
+def revoke_plan(observed: Observed, role: str, managed: Managed) -> Plan:
+    """Deletion policy Revoke: remove exactly the owned env vars and members that are present."""
+    env_remove = frozenset(managed.env & observed.env.keys())
+    invokers_remove = managed.invokers & observed.members(role)
+    changes = [Change(Aspect.ENV, n, ChangeKind.PRUNED) for n in env_remove]
+    changes += [Change(Aspect.INVOKERS, m, ChangeKind.PRUNED) for m in invokers_remove]
+    return Plan(
+        env_remove=env_remove,
+        role=role,
+        invokers_remove=invokers_remove,
+        changes=tuple(sorted(changes)),
+        managed=Managed(),
+    )
+
+
+def restrict(p: Plan, aspects: frozenset[Aspect]) -> Plan:
+    """The part of a plan that concerns only ``aspects``."""
+    return replace(
+        p,
+        env_set=p.env_set if Aspect.ENV in aspects else {},
+        env_remove=p.env_remove if Aspect.ENV in aspects else frozenset(),
+        settings_set=p.settings_set if Aspect.SETTINGS in aspects else {},
+        invokers_add=p.invokers_add if Aspect.INVOKERS in aspects else frozenset(),
+        invokers_remove=p.invokers_remove if Aspect.INVOKERS in aspects else frozenset(),
+        changes=tuple(c for c in p.changes if c.aspect in aspects),
+        rollout_retry=p.rollout_retry if aspects & SERVICE_ASPECTS else None,
+    )
+
+
+def without_members(p: Plan, members: frozenset[str]) -> Plan:
+    """The plan minus grants that cannot be made (e.g. service accounts that do not exist)."""
+    if not members & p.invokers_add:
+        return p
+    dropped = {Change(Aspect.INVOKERS, m, ChangeKind.MISSING) for m in members}
+    return replace(
+        p,
+        invokers_add=p.invokers_add - members,
+        changes=tuple(c for c in p.changes if c not in dropped),
+    )
+
+
+def simulate(observed: Observed, p: Plan) -> Observed:
+    """What the service looks like once ``p`` is applied: the model of a correct gateway."""
+    env = {n: v for n, v in observed.env.items() if n not in p.env_remove}
+    env.update(p.env_set)
+    settings = dict(observed.settings)
+    settings.update(p.settings_set)
+    bindings = dict(observed.bindings)
+    members = (observed.members(p.role) - p.invokers_remove) | p.invokers_add
+    if members:
+        bindings[p.role] = members
+    else:
+        bindings.pop(p.role, None)
+    rollout = observed.rollout
+    if p.touches_service:  # a successful UpdateService: its new revision serves
+        attempt = p.rollout_retry.attempt if p.rollout_retry is not None else rollout.attempt
+        rollout = Rollout(attempt=attempt)
+    return replace(observed, env=env, settings=settings, bindings=bindings, rollout=rollout)
+
+
+def setting_equal(key: str, want: SettingValue, have: SettingValue) -> bool:
+    """Equality in the setting's own units: "1" CPU equals "1000m", "1Gi" equals "1024Mi"."""
+    if key == "cpu":
+        return _cpu(want) == _cpu(have)
+    if key == "memory":
+        return _bytes(want) == _bytes(have)
+    if isinstance(want, int) or isinstance(have, int):
+        return _int(want) == _int(have)
+    return want == have
+
+
+def _removal_kind(name: str, owned: frozenset[str]) -> ChangeKind:
+    return ChangeKind.PRUNED if name in owned else ChangeKind.UNDECLARED
+
+
+def _int(value: SettingValue) -> int | str:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _cpu(value: SettingValue) -> Decimal | str:
+    text = str(value).strip()
+    try:
+        if text.endswith("m"):
+            return Decimal(text[:-1]) / 1000
+        return Decimal(text)
+    except InvalidOperation:
+        return text
+
+
+_MEMORY_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+}
+_MEMORY = re.compile(r"^(\d+)(Ki|Mi|Gi|k|M|G|)$")
+
+
+def _bytes(value: SettingValue) -> int | str:
+    match = _MEMORY.match(str(value).strip())
+    if match is None:
+        return str(value)
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+
+
+def is_empty_for(p: Plan, aspects: frozenset[Aspect]) -> bool:
+    """True if ``p`` has nothing to do for any of ``aspects``."""
+    return not any(c.aspect in aspects for c in p.changes)
+
+
+def managed_after(before: Managed, p: Plan, succeeded: frozenset[Aspect]) -> Managed:
+    """status.managed after applying ``p`` where only ``succeeded`` aspects were written.
+
+    An aspect whose write failed keeps owning both the old and the new names: whatever was
+    meant to be pruned may still be there and must still be prunable next time.
+    """
+    env = p.managed.env if Aspect.ENV in succeeded else before.env | p.managed.env
+    invokers = (
+        p.managed.invokers if Aspect.INVOKERS in succeeded else before.invokers | p.managed.invokers
+    )
+    return Managed(env=env, invokers=invokers)

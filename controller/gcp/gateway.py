@@ -1,0 +1,340 @@
+"""The only module that talks to Google (with controller.gcp.clients, which builds the clients).
+
+It reads a service into an ``Observed``, writes a ``Plan`` back (one UpdateService, one
+read-modify-write SetIamPolicy) and checks that service accounts exist. Google's errors leave
+this module only as the small vocabulary below, each carrying its condition reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.api_core import exceptions as gexc
+from google.api_core import retry_async
+from google.cloud import iam_admin_v1, run_v2
+from google.iam.v1 import iam_policy_pb2, options_pb2, policy_pb2
+
+from controller.domain.model import (
+    ROLLOUT_ATTEMPT_ANNOTATION,
+    Observed,
+    Plan,
+    ServiceRef,
+)
+from controller.gcp import convert
+from controller.gcp.budget import Pacer
+from controller.gcp.errors import (
+    Conflict,
+    NotFound,
+    RevisionFailed,
+    code_name,
+    code_of,
+    retry_delay,
+    translate,
+)
+from controller.obs import metrics
+
+T = TypeVar("T")
+
+# Reads are idempotent: a transient failure is retried inside the call, with this one policy
+# for every read (GetService, GetIamPolicy, GetServiceAccount). The gateway wraps each read in
+# it (the clients get retry=None), so that every retry waits for its region's read budget like
+# any other call. Writes are not retried here (a lost response would turn the retry into a
+# false conflict); the reconcile's own backoff covers them, and IAM conflicts get the
+# read-modify-write retry below.
+_TRANSIENT = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError)
+
+
+def _retryable_read(exc: Exception) -> bool:
+    """Whether a read is worth another attempt within the call: a transient failure, or a quota
+    refusal without RetryInfo (nothing says how long to wait: retry with the backoff, each
+    attempt paced by the region's budget). A refusal with RetryInfo holds the region's budget
+    that long instead, and the check fails as QuotaExceeded."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return isinstance(exc, gexc.ResourceExhausted) and retry_delay(exc) == 0
+
+
+READ_RETRY = retry_async.AsyncRetry(
+    predicate=_retryable_read, initial=0.2, maximum=2.0, multiplier=2.0, timeout=10.0
+)
+# An IAM etag conflict (ABORTED) means someone wrote in between: re-read, re-apply, retry.
+IAM_CONFLICT_RETRY = retry_async.AsyncRetry(
+    predicate=retry_async.if_exception_type(gexc.Aborted),
+    initial=0.05,
+    maximum=1.0,
+    multiplier=2.0,
+    timeout=20.0,
+)
+
+
+class Clients(Protocol):
+    """What controller.gcp.clients.make_clients() returns."""
+
+    @property
+    def run(self) -> run_v2.ServicesAsyncClient: ...
+
+    @property
+    def iam(self) -> iam_admin_v1.IAMAsyncClient: ...
+
+
+class Gateway:
+    """Cloud Run + IAM for the reconcile, with a cache of service accounts known to exist."""
+
+    def __init__(
+        self,
+        clients: Clients,
+        *,
+        timeout: float = 30.0,
+        rollout_timeout: float = 600.0,
+        sa_cache_seconds: float = 600.0,
+        pacer: Pacer | None = None,
+    ) -> None:
+        self._run = clients.run
+        # Per-region read/write budgets; every Cloud Run call waits for its token.
+        self._pacer = pacer if pacer is not None else Pacer()
+        self._iam = clients.iam
+        self._timeout = timeout
+        self._rollout_timeout = rollout_timeout
+        self._sa_cache_seconds = sa_cache_seconds
+        self._sa_seen: dict[str, float] = {}  # email -> monotonic time it was last seen
+
+    # ------------------------------------------------------------------ reads
+
+    async def observe(self, ref: ServiceRef, container: str) -> Observed:
+        """One GetService and one GetIamPolicy: everything a check needs."""
+        # Both reads' tokens at once, so that a busy budget delays the check, not its 2nd read.
+        await self._pacer.take(ref.region, write=False, n=2)
+        service = await self._get_service(ref, paced=True)
+        policy = await self._get_policy(ref, paced=True)
+        return convert.observed(ref, container, service, policy)
+
+    async def refresh_service(self, observed: Observed, container: str) -> Observed:
+        """Re-read the service (for verification after an UpdateService)."""
+        service = await self._get_service(observed.ref)
+        fresh = convert.observed(observed.ref, container, service, observed.policy_handle)
+        return fresh
+
+    async def refresh_iam(self, observed: Observed) -> Observed:
+        """Re-read the IAM policy (for verification after a SetIamPolicy)."""
+        policy = await self._get_policy(observed.ref)
+        return replace(
+            observed,
+            bindings=convert.bindings_of(policy),
+            iam_etag=policy.etag,
+            policy_handle=policy,
+        )
+
+    async def service_account_exists(self, email: str) -> bool:
+        """Whether a service account exists; positive answers are cached for a while."""
+        seen = self._sa_seen.get(email)
+        if seen is not None and time.monotonic() - seen < self._sa_cache_seconds:
+            return True
+        request = iam_admin_v1.GetServiceAccountRequest(name=f"projects/-/serviceAccounts/{email}")
+        try:
+            with translate(f"service account {email}"):
+                await self._read(
+                    "GetServiceAccount",
+                    lambda: self._iam.get_service_account(
+                        request=request, retry=None, timeout=self._timeout
+                    ),
+                )
+        except NotFound:
+            self._sa_seen.pop(email, None)
+            return False
+        self._sa_seen[email] = time.monotonic()
+        return True
+
+    # ------------------------------------------------------------------ writes
+
+    async def update_service(self, observed: Observed, plan: Plan) -> Observed:
+        """Apply the plan's env and settings in ONE UpdateService and wait for the rollout.
+
+        Starts from the service exactly as observed, etag included, so a concurrent deploy by
+        someone else makes this write fail with a conflict instead of silently reverting it.
+        A rollout retry sets the attempt annotation on the template, so Cloud Run makes a new
+        revision even where nothing else changes.
+        """
+        if observed.service_handle is None:
+            raise ValueError("observed has no service to update")
+        service: Any = copy.deepcopy(observed.service_handle)
+        container = convert.container_of(service, observed.container)
+        convert.edit_env(container, plan.env_set, plan.env_remove)
+        convert.edit_settings(service, container, plan.settings_set)
+        if plan.rollout_retry is not None:
+            service.template.annotations[ROLLOUT_ATTEMPT_ANNOTATION] = str(
+                plan.rollout_retry.attempt
+            )
+        request = run_v2.UpdateServiceRequest(service=service)
+        with translate(f"service {observed.ref}"):
+            operation = await self._call(
+                "UpdateService",
+                lambda: self._run.update_service(
+                    request=request, retry=None, timeout=self._timeout
+                ),
+                region=observed.ref.region,
+                write=True,
+            )
+            _tune_polling(operation)
+            try:
+                result = await operation.result(  # type: ignore[no-untyped-call]
+                    timeout=self._rollout_timeout
+                )
+            except gexc.GoogleAPICallError as exc:
+                if exc.grpc_status_code is not None:
+                    raise  # the polling itself failed: translated below
+                # The operation finished with an error status (api-core keeps only the raw one).
+                error = operation.operation.error
+                if error.code == grpc.StatusCode.ABORTED.value[0]:
+                    raise Conflict(
+                        f"the update of service {observed.ref} was superseded by another",
+                        "ABORTED",
+                    ) from exc
+                revision = convert.rolled_out_revision(operation)
+                raise RevisionFailed(
+                    f"{f'revision {revision}' if revision else 'the new revision'} of service "
+                    f"{observed.ref} failed to become ready; the previous revision keeps serving",
+                    code=code_name(error.code),
+                ) from exc
+        return convert.observed(observed.ref, observed.container, result, observed.policy_handle)
+
+    async def set_invokers(
+        self,
+        observed: Observed,
+        role: str,
+        add: frozenset[str],
+        remove: frozenset[str],
+    ) -> bytes:
+        """Grant/revoke ``role`` in ONE SetIamPolicy, read-modify-write with the policy etag.
+
+        The first attempt edits the policy read by observe(); on ABORTED (someone else wrote in
+        between) the policy is re-read and the same delta re-applied, so other roles, conditional
+        bindings, audit configs and members someone else added meanwhile all survive.
+        Returns the new etag.
+        """
+        ref = observed.ref
+        attempts = 0
+
+        async def attempt() -> bytes:
+            nonlocal attempts
+            policy = observed.policy_handle
+            if attempts or not isinstance(policy, policy_pb2.Policy):
+                policy = await self._get_policy_raw(ref)
+            attempts += 1
+            edited = convert.edit_policy(policy, role, add, remove)
+            if edited is None:
+                return bytes(policy.etag)  # already as wanted (someone did it meanwhile)
+            request = iam_policy_pb2.SetIamPolicyRequest(resource=ref.resource_name, policy=edited)
+            result = await self._call(
+                "SetIamPolicy",
+                lambda: self._run.set_iam_policy(
+                    request=request, retry=None, timeout=self._timeout
+                ),
+                region=ref.region,
+                write=True,
+            )
+            return bytes(result.etag)
+
+        with translate(f"IAM policy of service {ref}"):
+            return await IAM_CONFLICT_RETRY(attempt)()
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _get_service(self, ref: ServiceRef, paced: bool = False) -> Any:
+        """GetService (``paced``: its read token is taken already)."""
+        request = run_v2.GetServiceRequest(name=ref.resource_name)
+        with translate(f"service {ref}"):
+            return await self._read(
+                "GetService",
+                lambda: self._run.get_service(request=request, retry=None, timeout=self._timeout),
+                region=ref.region,
+                paced=paced,
+            )
+
+    async def _get_policy(self, ref: ServiceRef, paced: bool = False) -> policy_pb2.Policy:
+        with translate(f"IAM policy of service {ref}"):
+            return await self._get_policy_raw(ref, paced)
+
+    async def _get_policy_raw(self, ref: ServiceRef, paced: bool = False) -> policy_pb2.Policy:
+        request = iam_policy_pb2.GetIamPolicyRequest(
+            resource=ref.resource_name,
+            # Version 3 shows conditional bindings, so a write can carry them over intact.
+            options=options_pb2.GetPolicyOptions(requested_policy_version=3),
+        )
+        policy: policy_pb2.Policy = await self._read(
+            "GetIamPolicy",
+            lambda: self._run.get_iam_policy(request=request, retry=None, timeout=self._timeout),
+            region=ref.region,
+            paced=paced,
+        )
+        return policy
+
+    async def _read(
+        self,
+        method: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        region: str | None = None,
+        paced: bool = False,
+    ) -> T:
+        """A read under READ_RETRY. Every attempt is a paced call of its own; ``paced`` (the
+        token is taken already) covers the first attempt only, so a retry costs a token and a
+        read that succeeds at once costs exactly the one taken."""
+        attempts = 0
+
+        async def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            return await self._call(method, fn, region=region, paced=paced and attempts == 1)
+
+        result: T = await READ_RETRY(attempt)()
+        return result
+
+    async def _call(
+        self,
+        method: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        region: str | None = None,
+        write: bool = False,
+        paced: bool = False,
+    ) -> T:
+        """Call Google once, counting the call by status code.
+
+        A Cloud Run call (``region`` given) first waits for the region's read or write budget,
+        unless ``paced`` (its token is taken already); a quota refusal's RetryInfo holds the
+        budget. IAM API calls (no region) have a quota of their own and are not paced here.
+        """
+        if region is not None and not paced:
+            await self._pacer.take(region, write)
+        try:
+            result = await fn()
+        except gexc.GoogleAPICallError as exc:
+            metrics.GCP_REQUESTS.labels(method=method, code=code_of(exc)).inc()
+            if region is not None and isinstance(exc, gexc.ResourceExhausted):
+                self._pacer.retry_after(region, write, retry_delay(exc))
+            raise
+        except grpc.aio.AioRpcError as exc:
+            metrics.GCP_REQUESTS.labels(method=method, code=exc.code().name).inc()
+            raise
+        except TimeoutError:
+            metrics.GCP_REQUESTS.labels(method=method, code="DEADLINE_EXCEEDED").inc()
+            raise
+        metrics.GCP_REQUESTS.labels(method=method, code="OK").inc()
+        return result
+
+
+def _tune_polling(operation: Any) -> None:
+    # AsyncOperation takes its polling policy only in its constructor, which the generated
+    # client calls for us; api-core reads it from ``_retry`` (pinned version, see pyproject).
+    if hasattr(operation, "_retry"):
+        operation._retry = retry_async.AsyncRetry(
+            predicate=operation._retry._predicate,
+            initial=0.1,
+            maximum=2.0,
+            multiplier=1.5,
+        )

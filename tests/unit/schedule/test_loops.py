@@ -1,0 +1,257 @@
+"""Drift loops: backoff schedule, wake-ups by object and by service."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+
+import pytest
+
+from controller.domain.model import Event, Failure, Retry, ServiceRef
+from controller.schedule.backoff import QUOTA_BACKOFF, SLOW_CAP, Streak, first_delay, next_delay
+from controller.schedule.drift_loop import DriftLoop, Registry
+from controller.schedule.events import warnings_to_post
+
+REF = ServiceRef("my-project", "us-west2", "svc")
+
+
+def failure(retry: Retry) -> Failure:
+    return Failure("X", "x", retry)
+
+
+def test_healthy_resync_is_jittered_around_the_period() -> None:
+    rng = random.Random(1)
+    delays = [next_delay(60, None, 0, rng) for _ in range(200)]
+    assert all(54 <= d <= 66 for d in delays)
+    assert len({round(d, 3) for d in delays}) > 100
+    assert all(30 <= first_delay(60, rng) <= 60 for _ in range(100))
+
+
+def test_transient_backoff_grows_capped_by_resync() -> None:
+    rng = random.Random(2)
+    highs = [next_delay(60, failure(Retry.TRANSIENT), n, rng) for n in range(1, 12)]
+    assert highs[0] <= 1.0
+    assert max(highs) <= 60
+    assert highs[-1] >= 30  # reached the cap (jitter 0.5..1)
+    assert all(next_delay(2, failure(Retry.TRANSIENT), n, rng) <= 2 for n in range(1, 10))
+
+
+def test_quota_backs_off_harder_and_beyond_resync() -> None:
+    rng = random.Random(3)
+    assert next_delay(2, failure(Retry.QUOTA), 1, rng) >= 2.5
+    assert 30 <= next_delay(2, failure(Retry.QUOTA), 20, rng) <= 60  # beyond resync, one window
+    assert max(next_delay(300, failure(Retry.QUOTA), n, rng) for n in range(1, 12)) <= 60
+
+
+@pytest.mark.parametrize(
+    ("checks", "want"),
+    [
+        pytest.param([], Streak(), id="fresh"),
+        pytest.param([Retry.TRANSIENT] * 3, Streak(Retry.TRANSIENT, 3), id="same-class-counts"),
+        pytest.param(
+            [Retry.TRANSIENT] * 6 + [Retry.QUOTA],
+            Streak(Retry.QUOTA, 1),
+            id="class-change-restarts",
+        ),
+        pytest.param(
+            [Retry.QUOTA, Retry.QUOTA, Retry.TRANSIENT, Retry.QUOTA],
+            Streak(Retry.QUOTA, 1),
+            id="interrupted-run-restarts",
+        ),
+        pytest.param([Retry.QUOTA, Retry.QUOTA, None], Streak(), id="success-resets"),
+        pytest.param([None, Retry.SLOWLY, Retry.SLOWLY], Streak(Retry.SLOWLY, 2), id="after-ok"),
+    ],
+)
+def test_failures_are_counted_per_retry_class(checks: list[Retry | None], want: Streak) -> None:
+    streak = Streak()
+    for retry in checks:
+        streak = streak.after(None if retry is None else failure(retry))
+    assert streak == want
+
+
+async def test_first_quota_refusal_after_transient_failures_backs_off_as_the_first() -> None:
+    """Six outages in a row, then a quota refusal: the first quota step (5-10 s), not 5 s * 2**6
+    capped at a quota window."""
+    loop_ = DriftLoop(("ns", "a"))
+    rng = random.Random(4)
+    for _ in range(6):
+        loop_.schedule(60, failure(Retry.TRANSIENT), rng)
+    delay = loop_.schedule(60, failure(Retry.QUOTA), rng)
+    first = QUOTA_BACKOFF[0]
+    assert first / 2 <= delay <= first, delay
+    assert first <= loop_.schedule(60, failure(Retry.QUOTA), rng) <= 2 * first
+    assert loop_.schedule(60, None, rng) >= 54  # success: back to the resync
+
+
+def test_slow_backoff_doubles_from_the_resync_each_retry_later() -> None:
+    """A failed rollout is retried after the resync, then twice that, ...: each retry clearly
+    later than the one before, up to an hour."""
+    rng = random.Random(5)
+    for _ in range(200):
+        delays = [next_delay(2, failure(Retry.SLOWLY), n, rng) for n in range(1, 8)]
+        assert 1.8 <= delays[0] <= 2.2
+        assert all(b >= 1.6 * a for a, b in itertools.pairwise(delays)), delays
+    assert 3240 <= next_delay(60, failure(Retry.SLOWLY), 30, rng) <= 3960
+
+
+def test_spec_errors_wait_for_a_spec_change() -> None:
+    assert math.isinf(next_delay(60, failure(Retry.SPEC_CHANGE), 1))
+
+
+@pytest.mark.parametrize("resync", [2.0, 60.0])
+def test_failures_someone_must_fix_back_off_from_the_resync(resync: float) -> None:
+    """ServiceNotFound, ServiceAccountNotFound, PermissionDenied: the first retry after the
+    resync, then each clearly later than the one before, up to an hour, jittered."""
+    rng = random.Random(6)
+    for _ in range(200):
+        delays = [next_delay(resync, failure(Retry.RESYNC), n, rng) for n in range(1, 6)]
+        assert 0.9 * resync <= delays[0] <= 1.1 * resync
+        assert all(b >= 1.6 * a for a, b in itertools.pairwise(delays)), delays
+    capped = [next_delay(resync, failure(Retry.RESYNC), 40, rng) for _ in range(200)]
+    assert all(0.9 * SLOW_CAP <= d <= 1.1 * SLOW_CAP for d in capped)
+    assert len({round(d, 3) for d in capped}) > 100  # jittered
+
+
+async def test_resync_class_backoff_resets_on_success_and_on_a_spec_change() -> None:
+    rng = random.Random(7)
+    loop_ = DriftLoop(("ns", "a"))
+    loop_.schedule(2, None, rng, generation=1)
+    denied = failure(Retry.RESYNC)
+    delays = [loop_.schedule(2, denied, rng, generation=1) for _ in range(4)]
+    assert loop_.streak == Streak(Retry.RESYNC, 4)
+    assert delays[-1] >= 12  # 2 s * 2**3, -10 %
+    assert 1.8 <= loop_.schedule(2, denied, rng, generation=2) <= 2.2  # a new spec
+    assert loop_.streak == Streak(Retry.RESYNC, 1)
+    loop_.schedule(2, denied, rng, generation=2)
+    assert loop_.schedule(2, None, rng, generation=2) <= 2.2  # success
+    assert 1.8 <= loop_.schedule(2, denied, rng, generation=2) <= 2.2
+
+
+def test_a_repeated_warning_is_posted_on_a_rising_schedule_only() -> None:
+    denied = Event("Warning", "UpdateFailed", "SetIamPolicy: permission denied")
+    synced = Event("Normal", "Synced", "the service holds the spec")
+    warned: frozenset[tuple[str, str]] = frozenset()
+    posted = []
+    for n in range(1, 18):
+        post, warned = warnings_to_post([denied], warned, Streak(Retry.RESYNC, n))
+        if post:
+            posted.append(n)
+    assert posted == [1, 2, 4, 8, 16]
+    # A changed message, or a Normal Event, is posted at once.
+    other = Event("Warning", "UpdateFailed", "SetIamPolicy: not found")
+    post, warned = warnings_to_post([other, synced], warned, Streak(Retry.RESYNC, 17))
+    assert post == (other, synced)
+    # After a check without that Warning, it is news again.
+    _, warned = warnings_to_post([], warned, Streak())
+    post, _ = warnings_to_post([denied], warned, Streak(Retry.RESYNC, 3))
+    assert post == (denied,)
+
+
+async def test_loop_forgets_posted_warnings_on_a_spec_change() -> None:
+    loop_ = DriftLoop(("ns", "a"))
+    denied = Event("Warning", "UpdateFailed", "SetIamPolicy: permission denied")
+    for _ in range(2):
+        loop_.schedule(2, failure(Retry.RESYNC), generation=1)
+        loop_.events_to_post([denied])
+    loop_.schedule(2, failure(Retry.RESYNC), generation=1)  # the 3rd in a row
+    assert loop_.events_to_post([denied]) == ()
+    loop_.schedule(2, failure(Retry.RESYNC), generation=2)
+    assert loop_.events_to_post([denied]) == (denied,)
+
+
+async def finishes(task: asyncio.Task[tuple[str, ...]], within: float = 0.05) -> bool:
+    """Whether a wait ends within ``within`` seconds (for "not woken": it must not)."""
+    done, _ = await asyncio.wait({task}, timeout=within)
+    return bool(done)
+
+
+async def test_wake_by_service_and_object() -> None:
+    registry = Registry()
+    a = registry.loop("ns", "a")
+    b = registry.loop("ns", "b")
+    a.ref = REF
+    b.ref = ServiceRef("my-project", "us-west2", "other")
+    loop = asyncio.get_running_loop()
+    a.due = b.due = loop.time() + 3600
+    waiting = asyncio.create_task(a.wait())
+    assert not await finishes(waiting)
+    assert registry.wake_service(REF, reason="audit") == 1
+    assert await asyncio.wait_for(waiting, 1) == ("audit",)
+    assert registry.wake_object("ns", "b", reason="spec-update")
+    assert await asyncio.wait_for(b.wait(), 1) == ("spec-update",)
+    assert registry.wake_service(ServiceRef("x-project", "us-west2", "none")) == 0
+    assert not registry.wake_object("ns", "nope")
+
+
+async def test_due_check_runs_without_wake_and_stop_ends_the_wait() -> None:
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    loop_.due = asyncio.get_running_loop().time() + 0.05
+    assert await asyncio.wait_for(loop_.wait(), 2) == ("resync",)
+
+    loop_.due = asyncio.get_running_loop().time() + 3600
+    waiting = asyncio.create_task(loop_.wait())
+    assert not await finishes(waiting)
+    loop_.stop()
+    assert await asyncio.wait_for(waiting, 2) == ()
+    loop_.wake("audit")  # a stopped loop stays stopped
+    assert await asyncio.wait_for(loop_.wait(), 2) == ()
+
+
+async def test_infinite_delay_waits_until_woken() -> None:
+    loop_ = Registry().loop("ns", "a")
+    loop_.due = math.inf  # a spec error: only a spec change wakes the loop
+    waiting = asyncio.create_task(loop_.wait())
+    assert not await finishes(waiting)
+    loop_.wake("spec-update", generation=2)
+    assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
+
+
+async def test_forget_wakes_and_marks_deleted() -> None:
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    loop_.due = asyncio.get_running_loop().time() + 3600
+    registry.forget("ns", "a")
+    assert loop_.deleted and loop_.stopping
+    assert registry.get("ns", "a") is None
+    assert registry.loop("ns", "a") is not loop_
+
+
+@pytest.mark.parametrize("retry", list(Retry))
+def test_every_retry_kind_gives_a_positive_delay(retry: Retry) -> None:
+    assert next_delay(5, failure(retry), 1) > 0
+
+
+async def test_spec_wake_for_a_generation_already_checked_is_dropped() -> None:
+    """On create/resume kopf's spec handler wakes the loop while its first check already reads
+    that generation: the wake must not cause a second check."""
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    aio = asyncio.get_running_loop()
+    loop_.wake("spec-create", generation=3)  # arrives during the first check ...
+    loop_.schedule(3600, None, generation=3)  # ... which read generation 3
+    assert loop_.checked_generation == 3
+
+    waiting = asyncio.create_task(loop_.wait())
+    assert not await finishes(waiting)  # not woken: nothing new
+    assert loop_.due - aio.time() > 1000  # still due only at the resync
+
+    loop_.wake("spec-update", generation=2)  # an older event delivered late: also seen
+    assert not await finishes(waiting)
+    loop_.wake("spec-update", generation=4)  # a newer spec: check
+    assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
+
+    loop_.schedule(3600, None, generation=4)
+    loop_.wake("spec-resume", generation=4)
+    loop_.wake("audit")  # not a spec wake: always checks (and the seen spec wake is dropped)
+    assert await asyncio.wait_for(loop_.wait(), 1) == ("audit",)
+
+
+async def test_spec_wake_before_any_check_counts() -> None:
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    loop_.due = asyncio.get_running_loop().time() + 3600
+    loop_.wake("spec-create", generation=1)
+    assert await asyncio.wait_for(loop_.wait(), 1) == ("spec-create",)
