@@ -21,7 +21,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from .state import AuditEvent
+from .events import AuditEvent
 
 log = logging.getLogger("cloudrun_emulator")
 

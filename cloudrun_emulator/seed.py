@@ -23,7 +23,8 @@ import yaml
 
 from . import names
 from .errors import ApiError
-from .state import Store
+from .store import Store
+from .views import admin as view
 
 
 class SeedError(ValueError):
@@ -48,7 +49,7 @@ def load_seed(store: Store, path: str | Path) -> tuple[int, int]:
         raise SeedError(f"{p}: 'services' and 'serviceAccounts' must be lists")
     for i, email in enumerate(accounts):
         try:
-            store.put_service_account(str(email))
+            store.accounts.put(str(email))
         except ApiError as exc:
             raise SeedError(f"{p}: serviceAccounts[{i}]: {exc.message}") from exc
     for i, entry in enumerate(services):
@@ -60,7 +61,7 @@ def load_seed(store: Store, path: str | Path) -> tuple[int, int]:
                 str(body.pop("project", "")), str(body.pop("region", "")), str(body.pop("name", ""))
             )
             body.setdefault("principal", "seed@example.com")
-            store.admin_put_service(key, body)
+            view.put_service(store, key, body)
         except ApiError as exc:
             raise SeedError(f"{p}: services[{i}]: {exc.message}") from exc
     return len(services), len(accounts)

@@ -11,11 +11,11 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from .admin_http import start_admin
 from .control import Controls
-from .grpc_api import start_grpc
 from .seed import load_seed
-from .state import Store
+from .store import Store
+from .surfaces.admin_http import start_admin
+from .surfaces.grpc import start_grpc
 
 log = logging.getLogger("cloudrun_emulator")
 

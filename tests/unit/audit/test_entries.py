@@ -444,8 +444,8 @@ def test_reads_what_the_emulator_publishes() -> None:
     from google.iam.v1 import policy_pb2
 
     from cloudrun_emulator.audit import log_entry
+    from cloudrun_emulator.events import AuditEvent
     from cloudrun_emulator.names import ServiceKey
-    from cloudrun_emulator.state import AuditEvent
 
     key = ServiceKey(REF.project, REF.region, REF.name)
     svc = Service.pb(Service(name=REF.resource_name, generation=4))

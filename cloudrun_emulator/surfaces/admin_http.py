@@ -12,10 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
-from . import names
-from .control import Controls, Faults, Quota, parse_faults, parse_quota
-from .errors import ApiError, invalid
-from .state import Store
+from .. import names
+from ..control import Controls, Faults, Quota, parse_faults, parse_quota
+from ..errors import ApiError, invalid
+from ..store import Store
+from ..views import admin as view
 
 log = logging.getLogger("cloudrun_emulator")
 
@@ -77,55 +78,53 @@ class Admin:
     async def put_service(self, request: web.Request) -> web.Response:
         key = self._key(request)
         body = await _body(request, required=False)
-        created = self.store.admin_put_service(key, body)
+        created = view.put_service(self.store, key, body)
         log.info("admin_put_service name=%s created=%s fields=%s", key.name, created, sorted(body))
-        return _json(self.store.admin_get_service(key), status=201 if created else 200)
+        return _json(view.get_service(self.store, key), status=201 if created else 200)
 
     async def get_service(self, request: web.Request) -> web.Response:
-        return _json(self.store.admin_get_service(self._key(request)))
+        return _json(view.get_service(self.store, self._key(request)))
 
     async def delete_service(self, request: web.Request) -> web.Response:
         key = self._key(request)
         body = await _body(request, required=False)
-        principal = body.get("principal") or "deployer@example.com"
+        principal = body.get("principal") or view.DEFAULT_PRINCIPAL
         if not isinstance(principal, str):
             raise invalid("'principal' must be a string")
-        self.store.admin_delete_service(key, principal)
+        view.delete_service(self.store, key, principal)
         return _json({"deleted": key.name})
 
     async def list_services(self, request: web.Request) -> web.Response:
-        return _json({"services": self.store.admin_list_services()})
+        return _json({"services": view.list_services(self.store)})
 
     async def put_sa(self, request: web.Request) -> web.Response:
-        sa, created = self.store.put_service_account(request.match_info["email"])
-        return _json({"name": sa.name, "email": sa.email}, status=201 if created else 200)
+        sa, created = view.put_service_account(self.store, request.match_info["email"])
+        return _json(sa, status=201 if created else 200)
 
     async def delete_sa(self, request: web.Request) -> web.Response:
         email = request.match_info["email"]
-        self.store.delete_service_account(email)
+        self.store.accounts.delete(email)
         return _json({"deleted": email})
 
     async def list_sa(self, request: web.Request) -> web.Response:
-        return _json(
-            {"serviceAccounts": sorted(sa.email for sa in self.store.service_accounts.values())}
-        )
+        return _json({"serviceAccounts": view.list_service_accounts(self.store)})
 
     async def put_faults(self, request: web.Request) -> web.Response:
         faults, fail_next = parse_faults(await _body(request))
         self.controls.faults = faults
         if fail_next:
-            self.store.fail_next_revision = True
+            self.store.revisions.fail_next_revision = True
         log.info("faults_set %s failNextRevision=%s", faults.as_json(), fail_next)
         return await self.get_faults(request)
 
     async def get_faults(self, request: web.Request) -> web.Response:
         data = self.controls.faults.as_json()
-        data["failNextRevision"] = self.store.fail_next_revision
+        data["failNextRevision"] = self.store.revisions.fail_next_revision
         return _json(data)
 
     async def delete_faults(self, request: web.Request) -> web.Response:
         self.controls.faults = Faults()
-        self.store.fail_next_revision = False
+        self.store.revisions.fail_next_revision = False
         return await self.get_faults(request)
 
     async def get_calls(self, request: web.Request) -> web.Response:

@@ -20,9 +20,9 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
 
-from .control import Controls
-from .errors import ApiError
-from .state import Store
+from ..control import Controls
+from ..errors import ApiError
+from ..store import Store
 
 log = logging.getLogger("cloudrun_emulator")
 
@@ -73,13 +73,13 @@ class Api:
 
     # google.cloud.run.v2.Services
     def get_service(self, req: Any, ctx: Any) -> bytes:
-        return self.store.get_service_wire(req.name)
+        return self.store.services.get_wire(req.name)
 
     def list_services(self, req: Any, ctx: Any) -> Any:
-        return self.store.list_services(req.parent, req.page_size, req.page_token)
+        return self.store.services.list_page(req.parent, req.page_size, req.page_token)
 
     def create_service(self, req: Any, ctx: Any) -> Any:
-        return self.store.create_service(
+        return self.store.services.create(
             req.parent, req.service_id, req.service, req.validate_only, _principal(ctx), req
         )
 
@@ -89,17 +89,17 @@ class Api:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "The request is missing the required field 'service'.",
             )
-        return self.store.update_service(
+        return self.store.services.update(
             req.service, req.allow_missing, req.validate_only, _principal(ctx), req
         )
 
     def delete_service(self, req: Any, ctx: Any) -> Any:
-        return self.store.delete_service(
+        return self.store.services.delete(
             req.name, req.etag, req.validate_only, _principal(ctx), req
         )
 
     def get_iam_policy(self, req: Any, ctx: Any) -> Any:
-        return self.store.get_policy(req.resource)
+        return self.store.policies.get(req.resource)
 
     def set_iam_policy(self, req: Any, ctx: Any) -> Any:
         if not req.HasField("policy"):
@@ -107,34 +107,34 @@ class Api:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "The request is missing the required field 'policy'.",
             )
-        return self.store.set_policy(
+        return self.store.policies.set(
             req.resource, req.policy, list(req.update_mask.paths), _principal(ctx), req
         )
 
     def test_iam_permissions(self, req: Any, ctx: Any) -> Any:
-        granted = self.store.test_permissions(req.resource, list(req.permissions))
+        granted = self.store.policies.test_permissions(req.resource, list(req.permissions))
         return iam_policy_pb2.TestIamPermissionsResponse(permissions=granted)
 
     # google.longrunning.Operations
     def get_operation(self, req: Any, ctx: Any) -> Any:
-        return self.store.get_operation(req.name)
+        return self.store.operations.get(req.name)
 
     async def wait_operation(self, req: Any, ctx: Any) -> Any:
         timeout = None
         if req.HasField("timeout"):
             timeout = req.timeout.seconds + req.timeout.nanos / 1e9
-        return await self.store.wait_operation(req.name, timeout)
+        return await self.store.operations.wait(req.name, timeout)
 
     def delete_operation(self, req: Any, ctx: Any) -> Any:
-        self.store.delete_operation(req.name)
+        self.store.operations.delete(req.name)
         return empty_pb2.Empty()
 
     # google.iam.admin.v1.IAM
     def get_service_account(self, req: Any, ctx: Any) -> Any:
-        return self.store.get_service_account(req.name)
+        return self.store.accounts.get(req.name)
 
     def list_service_accounts(self, req: Any, ctx: Any) -> Any:
-        return self.store.list_service_accounts(req.name, req.page_size, req.page_token)
+        return self.store.accounts.list_page(req.name, req.page_size, req.page_token)
 
 
 def _methods(api: Api) -> dict[str, dict[str, tuple[Callable[..., Any], Any, bool]]]:
