@@ -34,7 +34,13 @@ EnvVarPb = run_v2.EnvVar.pb()
 DEFAULT_IMAGE = "us-docker.pkg.dev/cloudrun/container/hello"
 DEFAULT_TIMEOUT_SECONDS = 300
 DEFAULT_CONCURRENCY = 80
-DEFAULT_MAX_INSTANCES = 100
+# Cloud Run v2 leaves `template.scaling.max_instance_count` unset (0) when the client does not
+# set it: Config Connector's recording of a real CreateService without `scaling` gets a
+# template back without `scaling` (and with cpu "1000m", memory "512Mi", concurrency 80,
+# timeout "300s"): GoogleCloudPlatform/k8s-config-connector
+# pkg/test/resourcefixture/testdata/basic/run/v1beta1/runservice/runservicesecret/_http.log.
+# 0 therefore reads back as 0 ("unset": the server's own limit applies), never as 100.
+DEFAULT_MAX_INSTANCES = 0
 DEFAULT_CPU = "1000m"
 DEFAULT_MEMORY = "512Mi"
 
@@ -246,8 +252,6 @@ def fill_defaults(service: Any, default_sa: str) -> None:
         t.timeout.seconds = DEFAULT_TIMEOUT_SECONDS
     if t.max_instance_request_concurrency == 0:
         t.max_instance_request_concurrency = DEFAULT_CONCURRENCY
-    if t.scaling.max_instance_count == 0:
-        t.scaling.max_instance_count = DEFAULT_MAX_INSTANCES
     if not t.service_account:
         t.service_account = default_sa
     for c in t.containers:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from controller.domain.model import (
-    SERVICE_ASPECTS,
     Aspect,
     Change,
     Desired,
@@ -91,10 +90,7 @@ async def _enforce(
     written: set[Aspect] = set()
     after = observed
     if p.touches_service:
-        service_aspects = p.aspects & SERVICE_ASPECTS
-        if p.rollout_retry is not None:
-            # The template holds env and settings, yet the revision made of it does not serve.
-            service_aspects = SERVICE_ASPECTS
+        service_aspects = p.service_aspects
         try:
             after = await gw.update_service(observed, p)
             written |= service_aspects
@@ -113,7 +109,9 @@ async def _enforce(
             events.append(Event("Warning", "UpdateFailed", f"SetIamPolicy: {exc.message}"))
 
     if written:
-        after = await _verify(gw, desired, after, p, frozenset(written), dropped, failures, events)
+        after = await _verify(
+            gw, desired, after, p, managed, frozenset(written), dropped, failures, events
+        )
 
     return outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
 
@@ -166,14 +164,21 @@ async def _verify(
     desired: Desired,
     after: Observed,
     p: Plan,
+    managed: Managed,
     written: frozenset[Aspect],
     dropped: frozenset[Change],
     failures: dict[Aspect, Failure],
     events: list[Event],
 ) -> Observed:
-    """Read back what was written and check the spec holds there (CONTRACT: P1a)."""
+    """Read back what was written and check the spec holds there (CONTRACT: P1a).
+
+    Checked against what was owned before the write as well as after it: a name the spec just
+    dropped is owned by neither the new spec nor (yet) nobody -- its removal must be seen in the
+    read-back, else it stays owned (outcome keeps the old names of a failed aspect) and is
+    removed again next time, instead of being forgotten while still on the service.
+    """
     try:
-        if written & {Aspect.ENV, Aspect.SETTINGS}:
+        if written & p.service_aspects:
             after = await gw.refresh_service(after, desired.container)
         if Aspect.INVOKERS in written:
             after = await gw.refresh_iam(after)
@@ -181,7 +186,7 @@ async def _verify(
         for a in written:
             failures.setdefault(a, exc.failure())
         return after
-    left = restrict(plan(desired, after, p.managed), written)
+    left = restrict(plan(desired, after, managed.union(p.managed)), written)
     unverified = [c for c in left.changes if c not in dropped]
     if unverified:
         message = (
@@ -189,6 +194,6 @@ async def _verify(
             f"{summary([str(c) for c in unverified])}"
         )
         for c in unverified:
-            failures[c.aspect] = Failure(Reason.VERIFICATION_FAILED, message, Retry.TRANSIENT)
+            failures[c.aspect] = Failure(Reason.VERIFICATION_FAILED, message, Retry.UNVERIFIED)
         events.append(Event("Warning", Reason.VERIFICATION_FAILED, message))
     return after

@@ -276,6 +276,13 @@ class Services:
                     f"spec.template.revision: revision name must be prefixed by the service "
                     f"name '{key.service}-'."
                 )
+            # Revisions are immutable: a template naming an existing revision must be that
+            # revision's template. Cloud Run answers 409 ALREADY_EXISTS "Revision named '<rev>'
+            # with different configuration already exists." (googleapis/google-cloud-python
+            # #14259, a v2 UpdateService from the Python client; hashicorp/
+            # terraform-provider-google#14569). RevisionTemplate.revision is optional: "If this
+            # field is omitted, it will be automatically generated based on the Service name"
+            # (google/cloud/run/v2/revision_template.proto).
             if current is not None and spec.template.revision in current.revisions:
                 if current.revisions[spec.template.revision].template != new_template:
                     raise ApiError(

@@ -143,6 +143,9 @@ def get_service(store: Store, key: names.ServiceKey) -> dict[str, Any]:
         "iamConditional": conditional,
         "iamVersion": entry.policy.version,
         "settings": convert.settings_of(svc),
+        # v2 Service.invoker_iam_disabled ("allow public access" without an allUsers binding):
+        # stored as the client sent it, like every client-settable field.
+        "invokerIamDisabled": bool(svc.invoker_iam_disabled),
         "generation": svc.generation,
         "observedGeneration": svc.observed_generation,
         "latestReadyRevision": svc.latest_ready_revision,

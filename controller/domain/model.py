@@ -166,8 +166,13 @@ class Observed:
     container: str
     env: Mapping[str, EnvValue]
     settings: Mapping[str, SettingValue]
-    bindings: Mapping[str, frozenset[str]]  # role -> members
+    bindings: Mapping[str, frozenset[str]]  # role -> members (unconditional bindings only)
     uri: str = ""
+    # role -> members of the role's conditional bindings: never ours to change, but a member
+    # that holds a role only under a condition is worth saying (see plan.notes).
+    conditional: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Cloud Run v2 Service.invoker_iam_disabled: anyone may invoke, IAM is not checked.
+    invoker_iam_disabled: bool = False
     latest_ready_revision: str = ""
     generation: int = 0
     iam_etag: bytes = b""
@@ -184,6 +189,10 @@ class ChangeKind(enum.StrEnum):
     CHANGED = "changed"  # declared, present with another value
     UNDECLARED = "not declared"  # Authoritative: present, never declared by anyone here
     PRUNED = "no longer declared"  # owned earlier, dropped from the spec
+    # Declared, but holds the role only under an IAM condition (granted unconditionally).
+    CONDITIONAL_ONLY = "holds the role only under a condition"
+    # Service.invoker_iam_disabled is true: IAM is not checked, anyone can invoke.
+    IAM_DISABLED = "true: anyone can invoke, invoker IAM is not checked"
 
 
 _ASPECT_WORD = {Aspect.ENV: "env", Aspect.INVOKERS: "invoker", Aspect.SETTINGS: "setting"}
@@ -199,6 +208,20 @@ class Change:
 
     def __str__(self) -> str:
         return f"{_ASPECT_WORD[self.aspect]} {self.name} {self.kind}"
+
+
+# Change.name of the service's invoker_iam_disabled field.
+INVOKER_IAM_DISABLED = "invokerIamDisabled"
+
+
+@dataclass(frozen=True, order=True)
+class Note:
+    """Something a check found worth saying that is not a change it makes (names, no values):
+    it goes into the aspect's condition message and, as ``reason``, a Warning Event."""
+
+    aspect: Aspect
+    reason: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -217,12 +240,33 @@ class Plan:
     # The latest revision failed: the UpdateService also retries the rollout (even if it changes
     # nothing else).
     rollout_retry: RolloutRetry | None = None
+    # Set Service.invoker_iam_disabled to this in the UpdateService (None: leave it).
+    invoker_iam_disabled: bool | None = None
+    notes: tuple[Note, ...] = ()
 
     @property
     def touches_service(self) -> bool:
         return bool(
-            self.env_set or self.env_remove or self.settings_set or self.rollout_retry is not None
+            self.env_set
+            or self.env_remove
+            or self.settings_set
+            or self.rollout_retry is not None
+            or self.invoker_iam_disabled is not None
         )
+
+    @property
+    def service_aspects(self) -> frozenset[Aspect]:
+        """The aspects the UpdateService writes (invokers too when it re-enables invoker IAM)."""
+        aspects = self.aspects & SERVICE_ASPECTS
+        if self.rollout_retry is not None:
+            # The template holds env and settings, yet the revision made of it does not serve.
+            aspects = SERVICE_ASPECTS
+        if self.invoker_iam_disabled is not None:
+            aspects |= {Aspect.INVOKERS}
+        return frozenset(aspects)
+
+    def note_lines(self, aspect: Aspect | None = None) -> list[str]:
+        return [n.text for n in self.notes if aspect is None or n.aspect == aspect]
 
     @property
     def touches_iam(self) -> bool:
@@ -256,10 +300,14 @@ class Reason(enum.StrEnum):
     VERIFICATION_FAILED = "VerificationFailed"
     INVALID_SPEC = "InvalidSpec"
     PUBLIC_INVOKER_REFUSED = "PublicInvokerRefused"
+    ALREADY_EXISTS = "AlreadyExists"  # Cloud Run refused a write: that name exists already
     CONFLICT = "Conflict"  # someone else wrote in between; retried shortly
     INTERNAL_ERROR = "InternalError"  # a bug in Runwarden; retried with backoff
     PROGRESSING = "Progressing"
     DRIFT_FIGHT = "DriftFight"  # someone keeps undoing the spec; repairs held (fight.py)
+    # Warning Events (not condition reasons): what a check saw and leaves alone.
+    CONDITIONAL_BINDING = "ConditionalBinding"
+    INVOKER_IAM_DISABLED = "InvokerIamDisabled"
 
 
 @dataclass(frozen=True)
@@ -307,6 +355,10 @@ class Retry(enum.StrEnum):
     QUOTA = "quota"  # quota exceeded: back off harder
     RESYNC = "resync"  # needs someone to act (service, SA, permission): from resync, doubling
     SLOWLY = "slowly"  # a write keeps failing for good (rollout failed): back off beyond resync
+    # A write whose read-back does not hold the spec: the same difference again and again is a
+    # normalisation Runwarden does not know, and each retry is one more revision. Identical
+    # ones back off from the resync, doubling, with one Warning; a different one starts over.
+    UNVERIFIED = "unverified"
     SPEC_CHANGE = "spec-change"  # only a new spec can help
 
 

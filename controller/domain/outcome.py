@@ -57,13 +57,31 @@ def failed(failure: Failure, events: tuple[Event, ...]) -> StatusUpdate:
     )
 
 
+def noted(p: Plan, aspects: dict[Aspect, Condition]) -> dict[Aspect, Condition]:
+    """The aspects' conditions with the plan's notes added to their messages."""
+    out = dict(aspects)
+    for a, c in aspects.items():
+        lines = p.note_lines(a)
+        if lines:
+            out[a] = replace(c, message="; ".join([c.message, *lines]))
+    return out
+
+
+def note_events(p: Plan) -> tuple[Event, ...]:
+    """One Warning per note (the schedule posts a repeated one once, not every check)."""
+    return tuple(Event("Warning", n.reason, n.text) for n in p.notes)
+
+
 def in_sync(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
     events: tuple[Event, ...] = ()
     if not prior.ready:
         events = (Event("Normal", Reason.SYNCED, f"service {observed.ref} holds the spec"),)
+    events += note_events(p)
     return StatusUpdate(
         ready=Condition("Ready", True, Reason.SYNCED, "the service holds the spec"),
-        aspects={a: Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync") for a in Aspect},
+        aspects=noted(
+            p, {a: Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync") for a in Aspect}
+        ),
         checked=True,
         managed=p.managed,
         uri=observed.uri,
@@ -114,13 +132,13 @@ def report_only(p: Plan, observed: Observed, prior: Prior) -> StatusUpdate:
             aspects[a] = Condition(CONDITION_TYPES[a], False, failed.reason, failed.message)
     return StatusUpdate(
         ready=ready,
-        aspects=aspects,
+        aspects=noted(p, aspects),
         checked=True,
         uri=observed.uri,
         latest_ready_revision=observed.latest_ready_revision,
         pending=pending,
         drift=DriftReport(detected=drift if news else ()),
-        events=events,
+        events=events + note_events(p),
     )
 
 
@@ -179,12 +197,13 @@ def outcome(
     elif not failures and not prior.ready and not applied and not repaired:
         events.append(Event("Normal", Reason.SYNCED, "the service holds the spec"))
 
+    events.extend(note_events(p))
     failure = None
     if failures:
         failure = min(failures.values(), key=lambda f: list(Retry).index(f.retry))
     return StatusUpdate(
         ready=ready,
-        aspects=aspects,
+        aspects=noted(p, aspects),
         checked=True,
         managed=managed_after(managed, p, frozenset(Aspect) - failures.keys()),
         uri=after.uri,

@@ -11,6 +11,7 @@ from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 
 from controller.domain.model import (
+    INVOKER_IAM_DISABLED,
     SERVICE_ASPECTS,
     Aspect,
     Change,
@@ -20,8 +21,10 @@ from controller.domain.model import (
     EnvValue,
     InvokerPolicy,
     Managed,
+    Note,
     Observed,
     Plan,
+    Reason,
     Rollout,
     RolloutRetry,
     SettingValue,
@@ -44,7 +47,7 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
         if have is None:
             env_set[name] = want
             changes.append(Change(Aspect.ENV, name, ChangeKind.MISSING))
-        elif have != want:
+        elif not env_equal(desired.ref.project, want, have):
             env_set[name] = want
             changes.append(Change(Aspect.ENV, name, ChangeKind.CHANGED))
     undeclared_env = observed.env.keys() - desired.env.keys()
@@ -55,8 +58,16 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
     changes += [Change(Aspect.ENV, n, _removal_kind(n, managed.env)) for n in env_remove]
 
     present = observed.members(desired.role)
+    conditional = observed.conditional.get(desired.role, frozenset())
     invokers_add = desired.invokers - present
-    changes += [Change(Aspect.INVOKERS, m, ChangeKind.MISSING) for m in invokers_add]
+    changes += [
+        Change(
+            Aspect.INVOKERS,
+            m,
+            ChangeKind.CONDITIONAL_ONLY if m in conditional else ChangeKind.MISSING,
+        )
+        for m in invokers_add
+    ]
     if desired.policy.invokers is InvokerPolicy.AUTHORITATIVE:
         invokers_remove = present - desired.invokers
     else:
@@ -64,6 +75,24 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
     changes += [
         Change(Aspect.INVOKERS, m, _removal_kind(m, managed.invokers)) for m in invokers_remove
     ]
+    notes = _conditional_notes(desired, conditional, invokers_add)
+
+    # invoker_iam_disabled makes every invoker binding moot: anyone can invoke. Only
+    # allowPublicInvokers may leave it so (still reported); otherwise it is invoker drift.
+    invoker_iam_disabled: bool | None = None
+    if observed.invoker_iam_disabled:
+        if desired.policy.allow_public_invokers:
+            notes.append(
+                Note(
+                    Aspect.INVOKERS,
+                    Reason.INVOKER_IAM_DISABLED,
+                    f"{INVOKER_IAM_DISABLED} is true: anyone can invoke the service, invoker "
+                    "IAM is not checked (allowed by spec.policy.allowPublicInvokers)",
+                )
+            )
+        else:
+            invoker_iam_disabled = False
+            changes.append(Change(Aspect.INVOKERS, INVOKER_IAM_DISABLED, ChangeKind.IAM_DISABLED))
 
     settings_set: dict[str, SettingValue] = {}
     for key, want_setting in desired.settings.items():
@@ -83,7 +112,63 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
         changes=tuple(sorted(changes)),
         managed=Managed(env=frozenset(desired.env), invokers=desired.invokers),
         rollout_retry=rollout_retry(observed.rollout),
+        invoker_iam_disabled=invoker_iam_disabled,
+        notes=tuple(sorted(notes)),
     )
+
+
+def _conditional_notes(
+    desired: Desired, conditional: frozenset[str], granting: frozenset[str]
+) -> list[Note]:
+    """What conditional bindings of the managed role mean for this spec (they are never
+    changed): a declared member that holds the role only under a condition (granted
+    unconditionally now), and, in Authoritative mode, undeclared members that keep the role
+    under a condition."""
+    notes: list[Note] = []
+    role = desired.role
+    only = sorted(granting & conditional)
+    if only:
+        notes.append(
+            Note(
+                Aspect.INVOKERS,
+                Reason.CONDITIONAL_BINDING,
+                f"declared invoker(s) {', '.join(only)} held {role} only under an IAM "
+                "condition; granted unconditionally as declared (the conditional binding is "
+                "left as it is)",
+            )
+        )
+    if desired.policy.invokers is InvokerPolicy.AUTHORITATIVE:
+        kept = sorted(conditional - desired.invokers)
+        if kept:
+            notes.append(
+                Note(
+                    Aspect.INVOKERS,
+                    Reason.CONDITIONAL_BINDING,
+                    f"undeclared member(s) {', '.join(kept)} keep {role} under an IAM "
+                    "condition: Authoritative invokers never change conditional bindings",
+                )
+            )
+    return notes
+
+
+def env_equal(project: str, want: EnvValue, have: EnvValue) -> bool:
+    """One variable's value as Cloud Run means it. A secret named ``S`` and one named
+    ``projects/<the service's project>/secrets/S`` are the same secret: SecretKeySelector.secret
+    is "{secret_name} if the secret is in the same project.
+    projects/{project}/secrets/{secret_name} if the secret is in a different project"
+    (google/cloud/run/v2/k8s.min.proto), and Cloud Run keeps the form it was given (a
+    Config Connector recording of real traffic writes projects/<number>/secrets/S and reads it
+    back unchanged: basic/run/v1beta1/runjob/jobwithsecretmanagersecret/_http.log)."""
+    if want.secret is None or have.secret is None:
+        return want == have
+    return want.secret.version == have.secret.version and _secret_id(
+        project, want.secret.secret
+    ) == _secret_id(project, have.secret.secret)
+
+
+def _secret_id(project: str, secret: str) -> str:
+    prefix = f"projects/{project}/secrets/"
+    return secret.removeprefix(prefix) if secret.startswith(prefix) else secret
 
 
 def rollout_retry(rollout: Rollout) -> RolloutRetry | None:
@@ -119,6 +204,8 @@ def restrict(p: Plan, aspects: frozenset[Aspect]) -> Plan:
         invokers_remove=p.invokers_remove if Aspect.INVOKERS in aspects else frozenset(),
         changes=tuple(c for c in p.changes if c.aspect in aspects),
         rollout_retry=p.rollout_retry if aspects & SERVICE_ASPECTS else None,
+        invoker_iam_disabled=p.invoker_iam_disabled if Aspect.INVOKERS in aspects else None,
+        notes=tuple(n for n in p.notes if n.aspect in aspects),
     )
 
 
@@ -126,7 +213,11 @@ def without_members(p: Plan, members: frozenset[str]) -> Plan:
     """The plan minus grants that cannot be made (e.g. service accounts that do not exist)."""
     if not members & p.invokers_add:
         return p
-    dropped = {Change(Aspect.INVOKERS, m, ChangeKind.MISSING) for m in members}
+    dropped = {
+        Change(Aspect.INVOKERS, m, kind)
+        for m in members
+        for kind in (ChangeKind.MISSING, ChangeKind.CONDITIONAL_ONLY)
+    }
     return replace(
         p,
         invokers_add=p.invokers_add - members,
@@ -150,7 +241,17 @@ def simulate(observed: Observed, p: Plan) -> Observed:
     if p.touches_service:  # a successful UpdateService: its new revision serves
         attempt = p.rollout_retry.attempt if p.rollout_retry is not None else rollout.attempt
         rollout = Rollout(attempt=attempt)
-    return replace(observed, env=env, settings=settings, bindings=bindings, rollout=rollout)
+    iam_disabled = observed.invoker_iam_disabled
+    if p.invoker_iam_disabled is not None:
+        iam_disabled = p.invoker_iam_disabled
+    return replace(
+        observed,
+        env=env,
+        settings=settings,
+        bindings=bindings,
+        rollout=rollout,
+        invoker_iam_disabled=iam_disabled,
+    )
 
 
 def setting_equal(key: str, want: SettingValue, have: SettingValue) -> bool:

@@ -71,6 +71,8 @@ def observed(ref: ServiceRef, container: str, service: Any, policy: Any) -> Obse
         env=env,
         settings=settings_of(pb, c),
         bindings=bindings_of(policy) if policy is not None else {},
+        conditional=conditional_of(policy) if policy is not None else {},
+        invoker_iam_disabled=bool(pb.invoker_iam_disabled),
         uri=pb.uri,
         latest_ready_revision=pb.latest_ready_revision.rsplit("/", 1)[-1],
         generation=int(pb.generation),
@@ -143,6 +145,15 @@ def bindings_of(policy: Any) -> dict[str, frozenset[str]]:
             continue
         bindings[b.role] = bindings.get(b.role, frozenset()) | frozenset(b.members)
     return bindings
+
+
+def conditional_of(policy: Any) -> dict[str, frozenset[str]]:
+    """Role -> members of the conditional bindings (reported, never changed)."""
+    conditional: dict[str, frozenset[str]] = {}
+    for b in policy.bindings:
+        if b.HasField("condition"):
+            conditional[b.role] = conditional.get(b.role, frozenset()) | frozenset(b.members)
+    return conditional
 
 
 def edit_env(container: Any, env_set: Mapping[str, EnvValue], remove: frozenset[str]) -> None:

@@ -57,6 +57,15 @@ class Conflict(GatewayError):
     reason = Reason.CONFLICT
 
 
+class AlreadyExists(GatewayError):
+    """Cloud Run refused a write because something of that name exists (for UpdateService: a
+    revision named in ``template.revision`` with a different template). Not transient: the same
+    write fails the same way until someone changes it."""
+
+    reason = Reason.ALREADY_EXISTS
+    retry = Retry.SLOWLY
+
+
 class RevisionFailed(GatewayError):
     reason = Reason.REVISION_FAILED
     retry = Retry.SLOWLY
@@ -103,6 +112,13 @@ def translate(what: str) -> Iterator[None]:
         raise PermissionDenied(f"permission denied on {what}: {exc.message}", code_of(exc)) from exc
     except gexc.ResourceExhausted as exc:
         raise QuotaExceeded(f"quota exceeded on {what}", code_of(exc)) from exc
+    except gexc.AlreadyExists as exc:  # a subclass of Conflict (409), but never transient
+        raise AlreadyExists(
+            f"Cloud Run refused the change to {what}: ALREADY_EXISTS ({exc.message}); a "
+            "revision name pinned in template.revision must change with the template "
+            "(or be left empty)",
+            code_of(exc),
+        ) from exc
     except (gexc.Aborted, gexc.Conflict, gexc.FailedPrecondition) as exc:
         raise Conflict(f"concurrent change to {what}", code_of(exc)) from exc
     except gexc.InvalidArgument as exc:

@@ -125,6 +125,7 @@ class Gateway:
         return replace(
             observed,
             bindings=convert.bindings_of(policy),
+            conditional=convert.conditional_of(policy),
             iam_etag=policy.etag,
             policy_handle=policy,
         )
@@ -162,9 +163,19 @@ class Gateway:
         if observed.service_handle is None:
             raise ValueError("observed has no service to update")
         service: Any = copy.deepcopy(observed.service_handle)
+        # A revision name pinned by Terraform or `--revision-suffix` names the revision already
+        # made of the old template: sent back with a changed template, Cloud Run refuses it
+        # with ALREADY_EXISTS ("Revision named ... with different configuration already
+        # exists"; googleapis/google-cloud-python#14259). RevisionTemplate.revision
+        # (google/cloud/run/v2/revision_template.proto): "If this field is omitted, it will be
+        # automatically generated based on the Service name" -- so, as gcloud does on every
+        # update, leave it out and let Cloud Run name the new revision.
+        service.template.revision = ""
         container = convert.container_of(service, observed.container)
         convert.edit_env(container, plan.env_set, plan.env_remove)
         convert.edit_settings(service, container, plan.settings_set)
+        if plan.invoker_iam_disabled is not None:
+            service.invoker_iam_disabled = plan.invoker_iam_disabled
         if plan.rollout_retry is not None:
             service.template.annotations[ROLLOUT_ATTEMPT_ANNOTATION] = str(
                 plan.rollout_retry.attempt

@@ -28,14 +28,18 @@ class Streak:
 
     retry: Retry | None = None  # the class of the failures counted; None after a success
     count: int = 0
+    # For Retry.UNVERIFIED: the failure counted (reason, message). Only the same verification
+    # failure again continues the streak: a different one is news and starts over.
+    key: tuple[str, str] | None = None
 
     def after(self, failure: Failure | None) -> Streak:
         """The streak once a check has ended with ``failure`` (None: it succeeded)."""
         if failure is None:
             return Streak()
-        if failure.retry is self.retry:
-            return Streak(failure.retry, self.count + 1)
-        return Streak(failure.retry, 1)
+        key = (failure.reason, failure.message) if failure.retry is Retry.UNVERIFIED else None
+        if failure.retry is self.retry and key == self.key:
+            return Streak(failure.retry, self.count + 1, key)
+        return Streak(failure.retry, 1, key)
 
 
 def next_delay(
@@ -50,7 +54,8 @@ def next_delay(
     capped exponential backoff with jitter, never longer than the resync (the regular check would
     come then anyway) nor than the cap. Quota: harder backoff, may exceed the resync — extra
     reads would only burn more quota. A write that keeps failing for good (a failed rollout), and
-    what only someone else can fix (ServiceNotFound, ServiceAccountNotFound, PermissionDenied):
+    what only someone else can fix (ServiceNotFound, ServiceAccountNotFound, PermissionDenied),
+    and the same verification failure again and again (each retry would be one more revision):
     from the resync up, doubling per failure in a row, up to an hour (a success or a spec
     change starts over; the spec change also wakes the loop at once). A spec that can only be
     fixed by a new spec: never (the spec change wakes the loop).
@@ -60,7 +65,7 @@ def next_delay(
         return resync * uniform(0.9, 1.1)
     if failure.retry is Retry.SPEC_CHANGE:
         return math.inf
-    if failure.retry in (Retry.SLOWLY, Retry.RESYNC):
+    if failure.retry in (Retry.SLOWLY, Retry.RESYNC, Retry.UNVERIFIED):
         # Resync-scale and rarely correlated across Orchestrators (a failed rollout, a missing
         # service or account, a denied permission: someone has to act): jittered like the
         # resync, so that each retry comes clearly later than the one before (x1.6 at least;

@@ -138,7 +138,8 @@ async def test_update_without_scaling_falls_back_to_defaults(clients, deploy):
     )
     updated = await (await clients.run.update_service(service=bare)).result(timeout=30)
     assert env_of(updated) == {}
-    assert updated.template.scaling.max_instance_count == 100
+    # Unset stays unset (0) in v2; see cloudrun_emulator.convert.DEFAULT_MAX_INSTANCES.
+    assert updated.template.scaling.max_instance_count == 0
     assert updated.template.timeout.total_seconds() == 300
 
 

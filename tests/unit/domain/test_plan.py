@@ -460,3 +460,73 @@ def test_apply_then_plan_again_is_empty(case: tuple[Desired, Observed, Managed])
     second = plan(d, simulate(o, first), first.managed)
     assert second.empty, second.lines()
     assert second.changes == ()
+
+
+# ----------------------------------------------------------------------------- issue 15
+
+
+def test_secret_in_the_services_own_project_by_full_name_is_the_same_secret() -> None:
+    """SecretKeySelector.secret: "{secret_name} if the secret is in the same project.
+    projects/{project}/secrets/{secret_name} if the secret is in a different project"
+    (google/cloud/run/v2/k8s.min.proto); Cloud Run keeps the form it was given."""
+    short = EnvValue.from_secret("slack", "latest")
+    full = EnvValue.from_secret(f"projects/{REF.project}/secrets/slack", "latest")
+    elsewhere = EnvValue.from_secret("projects/other-project/secrets/slack", "latest")
+    for want, have in ((short, full), (full, short)):
+        assert plan(desired(env={"S": want}), observed(env={"S": have}), Managed()).empty
+    assert not plan(desired(env={"S": short}), observed(env={"S": elsewhere}), Managed()).empty
+    newer = EnvValue.from_secret(f"projects/{REF.project}/secrets/slack", "3")
+    assert not plan(desired(env={"S": short}), observed(env={"S": newer}), Managed()).empty
+
+
+def test_cpu_and_memory_in_cloud_runs_units_are_in_sync() -> None:
+    """Cloud Run v2 reports cpu "1000m" and memory "512Mi" for a default container (Config
+    Connector recording: basic/run/v1beta1/runservice/runservicesecret/_http.log)."""
+    have = observed(settings={"cpu": "1000m", "memory": "512Mi"})
+    assert plan(desired(settings={"cpu": "1", "memory": "512Mi"}), have, Managed()).empty
+    assert not plan(desired(settings={"cpu": "2"}), have, Managed()).empty
+
+
+def test_a_declared_member_holding_the_role_only_under_a_condition_is_said() -> None:
+    have = replace(observed(), conditional={ROLE: frozenset({SA})})
+    p = plan(desired(invokers=frozenset({SA})), have, Managed())
+    assert p.invokers_add == {SA}  # granted unconditionally, as declared
+    assert p.lines() == [f"invoker {SA} holds the role only under a condition"]
+    assert len(p.notes) == 1 and SA in p.notes[0].text
+    assert p.notes[0].reason == "ConditionalBinding"
+    # Once it holds the role unconditionally too, there is nothing to say.
+    held = replace(have, bindings={ROLE: frozenset({SA})})
+    assert plan(desired(invokers=frozenset({SA})), held, Managed()).notes == ()
+
+
+def test_authoritative_invokers_say_which_conditional_members_survive() -> None:
+    have = replace(
+        observed(bindings={ROLE: frozenset({SA, FOREIGN})}),
+        conditional={ROLE: frozenset({"user:temp@example.com"}), OTHER_ROLE: frozenset({FOREIGN})},
+    )
+    want = desired(invokers=frozenset({SA}), invoker_policy=InvokerPolicy.AUTHORITATIVE)
+    p = plan(want, have, Managed())
+    assert p.invokers_remove == {FOREIGN}
+    assert [n.reason for n in p.notes] == ["ConditionalBinding"]
+    assert "user:temp@example.com" in p.notes[0].text and FOREIGN not in p.notes[0].text
+    # Additive mode says nothing about undeclared conditional members.
+    assert plan(desired(invokers=frozenset({SA})), have, Managed()).notes == ()
+
+
+def test_invoker_iam_disabled_is_invoker_drift_unless_public_invokers_are_allowed() -> None:
+    public = replace(observed(bindings={ROLE: frozenset({SA})}), invoker_iam_disabled=True)
+    p = plan(desired(invokers=frozenset({SA})), public, Managed())
+    assert p.invoker_iam_disabled is False and p.touches_service
+    assert p.aspects == {Aspect.INVOKERS} and p.service_aspects == {Aspect.INVOKERS}
+    assert p.lines() == [
+        "invoker invokerIamDisabled true: anyone can invoke, invoker IAM is not checked"
+    ]
+    assert simulate(public, p).invoker_iam_disabled is False
+    assert plan(desired(invokers=frozenset({SA})), simulate(public, p), Managed()).empty
+    assert restrict(p, frozenset({Aspect.ENV})).invoker_iam_disabled is None
+
+    allowed = replace(desired(invokers=frozenset({SA})), policy=Policy(allow_public_invokers=True))
+    q = plan(allowed, public, Managed())
+    assert q.empty and q.invoker_iam_disabled is None
+    assert [n.reason for n in q.notes] == ["InvokerIamDisabled"]
+    assert "allowPublicInvokers" in q.notes[0].text

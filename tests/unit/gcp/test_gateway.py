@@ -244,3 +244,24 @@ async def test_writes_are_never_retried(error: Exception) -> None:
 )
 def test_which_read_failures_are_retried(error: Exception, retried: bool) -> None:
     assert gateway._retryable_read(error) is retried
+
+
+def test_already_exists_is_never_a_transient_conflict() -> None:
+    """Cloud Run's 409 ALREADY_EXISTS for a pinned revision name ("Revision named '<rev>' with
+    different configuration already exists", googleapis/google-cloud-python#14259) fails the
+    same way every time: not a Conflict retried within seconds, but AlreadyExists, slowly."""
+    from controller.domain.model import Retry
+    from controller.gcp.errors import AlreadyExists, Conflict, translate
+
+    refused = gexc.AlreadyExists(
+        "Revision named 'svc-pinned' with different configuration already exists."
+    )
+    with pytest.raises(AlreadyExists) as caught, translate("service my-project/us-west2/svc"):
+        raise refused
+    assert not isinstance(caught.value, Conflict)
+    assert caught.value.failure().reason == "AlreadyExists"
+    assert caught.value.failure().retry is Retry.SLOWLY
+    assert "template.revision" in caught.value.message
+    # ABORTED (an etag race) stays the transient Conflict.
+    with pytest.raises(Conflict), translate("service x"):
+        raise gexc.Aborted("etag")

@@ -255,3 +255,46 @@ async def test_spec_wake_before_any_check_counts() -> None:
     loop_.due = asyncio.get_running_loop().time() + 3600
     loop_.wake("spec-create", generation=1)
     assert await asyncio.wait_for(loop_.wait(), 1) == ("spec-create",)
+
+
+# ------------------------------------------------- issue 15.5: a verification that keeps failing
+
+
+def unverified(message: str = "read-back after the write does not hold the spec: x") -> Failure:
+    return Failure("VerificationFailed", message, Retry.UNVERIFIED)
+
+
+def test_identical_verification_failures_back_off_from_the_resync_doubling() -> None:
+    """Each retry of a write that does not stick is one more revision: the same verification
+    failure again waits resync, 2x, 4x, ... (capped), never one write per resync."""
+    rng = random.Random(4)
+    streak = Streak()
+    delays = []
+    for _ in range(6):
+        streak = streak.after(unverified())
+        delays.append(next_delay(60, unverified(), streak.count, rng))
+    assert streak == Streak(Retry.UNVERIFIED, 6, ("VerificationFailed", unverified().message))
+    for n, delay in enumerate(delays):
+        assert 0.9 * 60 * 2**n <= delay <= 1.1 * 60 * 2**n
+    assert next_delay(60, unverified(), 40, rng) <= 1.1 * SLOW_CAP
+
+
+def test_a_different_verification_failure_starts_the_streak_over() -> None:
+    streak = Streak().after(unverified("a")).after(unverified("a"))
+    assert streak.count == 2
+    assert streak.after(unverified("b")).count == 1
+    assert streak.after(None) == Streak()
+
+
+async def test_a_repeated_verification_failure_warns_once() -> None:
+    loop_ = DriftLoop(("ns", "a"))
+    warning = Event("Warning", "VerificationFailed", unverified().message)
+    posted = 0
+    for _ in range(17):
+        loop_.schedule(60, unverified(), generation=1)
+        posted += len(loop_.events_to_post([warning]))
+    assert posted == 1
+    # A different failure is news: posted at once.
+    other = Event("Warning", "VerificationFailed", "other")
+    loop_.schedule(60, unverified("other"), generation=1)
+    assert loop_.events_to_post([other]) == (other,)
