@@ -1,0 +1,155 @@
+"""Issue 15 end to end: the real apiserver + the emulator + `python -m controller`, for what a
+user sees in status and Events: a pinned revision name (15.1), conditional IAM bindings (15.7)
+and `invokerIamDisabled` (15.10). The reconcile-level detail is in test_real_estates.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cloudrun_emulator.testing import EmulatorProcess
+from controller.gcp.clients import make_clients
+from tests.e2e.test_controller import (
+    FOREIGN,
+    MEMBER,
+    PROJECT,
+    REGION,
+    SA,
+    apply,
+    condition,
+    get,
+    has_event,
+    orchestrator,
+    service_state,
+    wait_condition,
+)
+from tests.e2e.test_real_estates import TEMP, grant_under_condition, make_public, someone_deploys
+from tests.fixtures.controller import ControllerProcess
+from tests.fixtures.k8s import ControlPlane
+from tests.fixtures.wait import wait_for
+
+pytestmark = pytest.mark.e2e
+
+DEADLINE = 30  # resync 2 s + rollout + watch latency, on a busy 2-core machine
+
+
+@pytest.fixture
+def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
+    name = unique_name("estate")
+    emulator.admin.put_service_account(SA)
+    emulator.admin.put_service(
+        PROJECT, REGION, name, env={"FOREIGN": "x"}, invokers={"roles/run.invoker": [FOREIGN]}
+    )
+    return name
+
+
+def on_clients(endpoint: str, action: Callable[[Any], Any]) -> None:
+    """Run someone else's write with the real v2 client."""
+
+    async def run() -> None:
+        clients = make_clients(endpoint)
+        try:
+            await action(clients)
+        finally:
+            await clients.close()
+
+    asyncio.run(run())
+
+
+def test_a_pinned_revision_name_is_repaired_not_retried_as_a_conflict(
+    controller: ControllerProcess,
+    crds: ControlPlane,
+    namespace: str,
+    emulator: EmulatorProcess,
+    service: str,
+) -> None:
+    apply(crds, namespace, orchestrator("pinned", service))
+    wait_condition(crds, namespace, "pinned", "True", timeout=DEADLINE)
+    pinned = f"{service}-tf-1"
+
+    def deploy(svc: Any) -> None:
+        svc.template.revision = pinned
+        del svc.template.containers[0].env[:]
+
+    on_clients(emulator.grpc_endpoint, lambda c: someone_deploys(c, service, deploy))
+    wait_for(
+        lambda: "MODE" in service_state(emulator, service)["env"]
+        and service_state(emulator, service)["latestReadyRevision"] != pinned,
+        DEADLINE,
+        message="the drift under a pinned revision name repaired",
+    )
+    obj = get(crds, namespace, "pinned")
+    assert condition(obj).get("reason") != "Conflict"
+    assert obj["status"]["drift"]["count"] >= 1
+
+
+def test_conditional_members_are_said_in_status_and_a_warning(
+    controller: ControllerProcess,
+    crds: ControlPlane,
+    namespace: str,
+    emulator: EmulatorProcess,
+    service: str,
+) -> None:
+    on_clients(emulator.grpc_endpoint, lambda c: grant_under_condition(c, service, TEMP))
+    conditional = service_state(emulator, service)["iamConditional"]
+    apply(crds, namespace, orchestrator("cond", service, policy={"invokers": "Authoritative"}))
+    obj = wait_condition(crds, namespace, "cond", "True", timeout=DEADLINE)
+    message = condition(obj, "InvokersSynced")["message"]
+    assert TEMP in message and "Authoritative" in message
+    wait_for(
+        lambda: has_event(crds, namespace, "cond", "ConditionalBinding"),
+        DEADLINE,
+        message="Warning ConditionalBinding",
+    )
+    [event] = has_event(crds, namespace, "cond", "ConditionalBinding")
+    assert event["type"] == "Warning" and TEMP in event["message"]
+    state = service_state(emulator, service)
+    assert state["iam"]["roles/run.invoker"] == [MEMBER]
+    assert state["iamConditional"] == conditional  # never touched
+
+
+def test_invoker_iam_disabled_is_repaired_and_reported(
+    controller: ControllerProcess,
+    crds: ControlPlane,
+    namespace: str,
+    emulator: EmulatorProcess,
+    service: str,
+) -> None:
+    apply(crds, namespace, orchestrator("iam-off", service))
+    wait_condition(crds, namespace, "iam-off", "True", timeout=DEADLINE)
+    on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service))
+    wait_for(
+        lambda: service_state(emulator, service)["invokerIamDisabled"] is False,
+        DEADLINE,
+        message="invokerIamDisabled set back to false",
+    )
+    obj = wait_condition(
+        crds,
+        namespace,
+        "iam-off",
+        "True",
+        timeout=DEADLINE,
+        extra=lambda o: any(
+            "invokerIamDisabled" in line for line in o["status"]["drift"].get("last", [])
+        ),
+    )
+    assert obj["status"]["drift"]["count"] >= 1
+
+    # Allowed by the policy: left public, and said so.
+    apply(crds, namespace, orchestrator("iam-off", service, policy={"allowPublicInvokers": True}))
+    on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service))
+    obj = wait_condition(
+        crds,
+        namespace,
+        "iam-off",
+        "True",
+        kind="InvokersSynced",
+        timeout=DEADLINE,
+        extra=lambda o: "invokerIamDisabled is true"
+        in condition(o, "InvokersSynced").get("message", ""),
+    )
+    assert service_state(emulator, service)["invokerIamDisabled"] is True
