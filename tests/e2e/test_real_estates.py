@@ -65,13 +65,15 @@ def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str
     return name
 
 
-def resource(name: str) -> str:
-    return f"projects/{PROJECT}/locations/{REGION}/services/{name}"
+def resource(name: str, project: str = PROJECT) -> str:
+    return f"projects/{project}/locations/{REGION}/services/{name}"
 
 
-async def someone_deploys(clients: Clients, name: str, edit: Callable[[Any], None]) -> Any:
+async def someone_deploys(
+    clients: Clients, name: str, edit: Callable[[Any], None], project: str = PROJECT
+) -> Any:
     """Someone else's full-template deploy with the v2 client (Terraform, gcloud, a console)."""
-    service = await clients.run.get_service(name=resource(name))
+    service = await clients.run.get_service(name=resource(name, project))
     edit(service)
     operation = await clients.run.update_service(service=service)
     return await operation.result(timeout=30)
@@ -242,10 +244,13 @@ async def test_a_secret_named_in_full_in_its_own_project_is_the_declared_secret(
 # ----------------------------------------------------------------- 15.7 conditional bindings
 
 
-async def grant_under_condition(clients: Clients, name: str, member: str) -> None:
+async def grant_under_condition(
+    clients: Clients, name: str, member: str, project: str = PROJECT
+) -> None:
     """Someone grants the invoker role under an IAM condition (a time-limited grant)."""
     read = iam_policy_pb2.GetIamPolicyRequest(
-        resource=resource(name), options=options_pb2.GetPolicyOptions(requested_policy_version=3)
+        resource=resource(name, project),
+        options=options_pb2.GetPolicyOptions(requested_policy_version=3),
     )
     policy = await clients.run.get_iam_policy(request=read)
     edited = policy_pb2.Policy()
@@ -260,7 +265,7 @@ async def grant_under_condition(clients: Clients, name: str, member: str) -> Non
         ),
     )
     await clients.run.set_iam_policy(
-        request=iam_policy_pb2.SetIamPolicyRequest(resource=resource(name), policy=edited)
+        request=iam_policy_pb2.SetIamPolicyRequest(resource=resource(name, project), policy=edited)
     )
 
 
@@ -311,13 +316,13 @@ async def test_authoritative_invokers_say_the_conditional_members_that_survive(
 # --------------------------------------------------------------- 15.10 invokerIamDisabled
 
 
-async def make_public(clients: Clients, name: str) -> None:
+async def make_public(clients: Clients, name: str, project: str = PROJECT) -> None:
     """`gcloud run services update --no-invoker-iam-check`: v2 Service.invoker_iam_disabled."""
 
     def public(svc: Any) -> None:
         svc.invoker_iam_disabled = True
 
-    await someone_deploys(clients, name, public)
+    await someone_deploys(clients, name, public, project)
 
 
 async def test_invoker_iam_disabled_is_invoker_drift_and_repaired(

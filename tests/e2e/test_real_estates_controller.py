@@ -75,10 +75,12 @@ def test_a_pinned_revision_name_is_repaired_not_retried_as_a_conflict(
         svc.template.revision = pinned
         del svc.template.containers[0].env[:]
 
-    on_clients(emulator.grpc_endpoint, lambda c: someone_deploys(c, service, deploy))
+    on_clients(emulator.grpc_endpoint, lambda c: someone_deploys(c, service, deploy, PROJECT))
     wait_for(
-        lambda: "MODE" in service_state(emulator, service)["env"]
-        and service_state(emulator, service)["latestReadyRevision"] != pinned,
+        lambda: (
+            "MODE" in service_state(emulator, service)["env"]
+            and service_state(emulator, service)["latestReadyRevision"] != pinned
+        ),
         DEADLINE,
         message="the drift under a pinned revision name repaired",
     )
@@ -94,7 +96,7 @@ def test_conditional_members_are_said_in_status_and_a_warning(
     emulator: EmulatorProcess,
     service: str,
 ) -> None:
-    on_clients(emulator.grpc_endpoint, lambda c: grant_under_condition(c, service, TEMP))
+    on_clients(emulator.grpc_endpoint, lambda c: grant_under_condition(c, service, TEMP, PROJECT))
     conditional = service_state(emulator, service)["iamConditional"]
     apply(crds, namespace, orchestrator("cond", service, policy={"invokers": "Authoritative"}))
     obj = wait_condition(crds, namespace, "cond", "True", timeout=DEADLINE)
@@ -121,7 +123,7 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
 ) -> None:
     apply(crds, namespace, orchestrator("iam-off", service))
     wait_condition(crds, namespace, "iam-off", "True", timeout=DEADLINE)
-    on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service))
+    on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service, PROJECT))
     wait_for(
         lambda: service_state(emulator, service)["invokerIamDisabled"] is False,
         DEADLINE,
@@ -141,7 +143,7 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
 
     # Allowed by the policy: left public, and said so.
     apply(crds, namespace, orchestrator("iam-off", service, policy={"allowPublicInvokers": True}))
-    on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service))
+    on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service, PROJECT))
     obj = wait_condition(
         crds,
         namespace,
@@ -149,7 +151,8 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
         "True",
         kind="InvokersSynced",
         timeout=DEADLINE,
-        extra=lambda o: "invokerIamDisabled is true"
-        in condition(o, "InvokersSynced").get("message", ""),
+        extra=lambda o: (
+            "invokerIamDisabled is true" in condition(o, "InvokersSynced").get("message", "")
+        ),
     )
     assert service_state(emulator, service)["invokerIamDisabled"] is True
