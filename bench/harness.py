@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ import yaml  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloudrun_emulator.admin import AdminClient
+from cloudrun_emulator.testing import free_port
+from tests.fixtures.bodies import orchestrator as orchestrator_body
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import CRDS, REPO, TESTENV, ControlPlane
 
@@ -78,20 +79,15 @@ def service_name(prefix: str, i: int) -> str:
 
 def orchestrator(name: str, service: str) -> dict[str, Any]:
     """A typical Orchestrator: two env vars, one invoker, one setting."""
-    return {
-        "apiVersion": "runwarden.dev/v1alpha1",
-        "kind": "Orchestrator",
-        "metadata": {"name": name},
-        "spec": {
-            "service": {"project": PROJECT, "region": REGION, "name": service},
-            "env": [
-                {"name": "GCP_PROJECT_ID", "value": PROJECT},
-                {"name": "MODE", "value": "bench"},
-            ],
-            "invokers": {"members": [MEMBER]},
-            "settings": {"maxInstances": 10},
-        },
-    }
+    return orchestrator_body(
+        name,
+        service,
+        project=PROJECT,
+        region=REGION,
+        env={"GCP_PROJECT_ID": PROJECT, "MODE": "bench"},
+        invokers=[MEMBER],
+        settings={"maxInstances": 10},
+    )
 
 
 # Someone else's changes, as admin-API bodies (put_service keyword arguments). The initial state
@@ -138,12 +134,6 @@ def create_namespace(plane: ControlPlane, name: str) -> None:
 
 
 # ---------------------------------------------------------------------- the controller
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

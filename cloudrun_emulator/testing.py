@@ -196,7 +196,9 @@ class EmulatorProcess:
         self.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; tests, the benchmark
+    and the demo use this one helper)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -258,7 +260,7 @@ class PubSubEmulatorProcess:
         }
         last_error = ""
         for _attempt in range(3):  # the port can be taken between choosing and binding it
-            self.port = _free_port()
+            self.port = free_port()
             self._log = open(self.log_path, "ab")
             self._proc = subprocess.Popen(
                 [

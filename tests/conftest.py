@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.k8s",
     "tests.fixtures.emulator",
     "tests.fixtures.controller",
+    "tests.fixtures.orch",
 ]
 
 # No per-example deadline: it is a timing assertion, and this machine's load (2 cores, the

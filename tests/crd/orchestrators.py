@@ -12,67 +12,57 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.fixtures.bodies import orchestrator
 from tests.fixtures.k8s import ControlPlane
 
-API = "runwarden.dev/v1alpha1"
 TABLE = "application/json;as=Table;g=meta.k8s.io;v=v1"
 
 
 def contract_example(namespace: str, name: str = "phase3-to-phase4") -> dict[str, Any]:
     """The full example of CONTRACT.md §1, in ``namespace``."""
-    return {
-        "apiVersion": API,
-        "kind": "Orchestrator",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "service": {
-                "project": "nba-props-platform",
-                "region": "us-west2",
-                "name": "phase3-to-phase4",
-                "container": "",
+    return orchestrator(
+        name,
+        "phase3-to-phase4",
+        project="nba-props-platform",
+        region="us-west2",
+        container="",
+        namespace=namespace,
+        env=[
+            {"name": "GCP_PROJECT_ID", "value": "nba-props-platform"},
+            {
+                "name": "SLACK_WEBHOOK_URL",
+                "secretKeyRef": {"secret": "slack-webhook", "version": "latest"},
             },
-            "env": [
-                {"name": "GCP_PROJECT_ID", "value": "nba-props-platform"},
-                {
-                    "name": "SLACK_WEBHOOK_URL",
-                    "secretKeyRef": {"secret": "slack-webhook", "version": "latest"},
-                },
-            ],
-            "invokers": {
-                "role": "roles/run.invoker",
-                "members": ["serviceAccount:756957797294-compute@developer.gserviceaccount.com"],
-            },
-            "settings": {
-                "serviceAccount": "orchestrator@nba-props-platform.iam.gserviceaccount.com",
-                "timeoutSeconds": 540,
-                "minInstances": 0,
-                "maxInstances": 10,
-                "concurrency": 1,
-                "cpu": "1",
-                "memory": "512Mi",
-                "ingress": "all",
-                "labels": {"team": "data"},
-            },
-            "policy": {
-                "mode": "Enforce",
-                "env": "Merge",
-                "invokers": "Additive",
-                "deletion": "Abandon",
-                "resyncSeconds": 60,
-                "allowPublicInvokers": False,
-            },
+        ],
+        role="roles/run.invoker",
+        invokers=["serviceAccount:756957797294-compute@developer.gserviceaccount.com"],
+        settings={
+            "serviceAccount": "orchestrator@nba-props-platform.iam.gserviceaccount.com",
+            "timeoutSeconds": 540,
+            "minInstances": 0,
+            "maxInstances": 10,
+            "concurrency": 1,
+            "cpu": "1",
+            "memory": "512Mi",
+            "ingress": "all",
+            "labels": {"team": "data"},
         },
-    }
+        policy={
+            "mode": "Enforce",
+            "env": "Merge",
+            "invokers": "Additive",
+            "deletion": "Abandon",
+            "resyncSeconds": 60,
+            "allowPublicInvokers": False,
+        },
+    )
 
 
 def minimal(namespace: str, name: str = "minimal") -> dict[str, Any]:
     """The smallest valid Orchestrator: only spec.service."""
-    return {
-        "apiVersion": API,
-        "kind": "Orchestrator",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"service": {"project": "nba-props-platform", "region": "us-west2", "name": name}},
-    }
+    return orchestrator(
+        name, name, project="nba-props-platform", region="us-west2", namespace=namespace
+    )
 
 
 def apply(

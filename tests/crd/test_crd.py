@@ -8,7 +8,6 @@ import json
 import pytest
 
 from tests.crd.orchestrators import (
-    API,
     TABLE,
     apply,
     contract_example,
@@ -17,6 +16,7 @@ from tests.crd.orchestrators import (
     raw_get,
     variant,
 )
+from tests.fixtures.bodies import API_VERSION as API
 from tests.fixtures.wait import wait_for
 
 CRD = "orchestrators.runwarden.dev"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from cloudrun_emulator.testing import free_port
+from tests.fixtures.bodies import orchestrator
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
@@ -202,12 +203,6 @@ def _ready(plane: ControlPlane, namespace: str, name: str) -> dict[str, Any] | N
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _http_get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.status, response.read().decode(errors="replace")
@@ -233,7 +228,7 @@ def test_controller_reconciles_to_ready_as_the_service_account(
         invokers={"roles/run.invoker": []},
     )
 
-    health_port, metrics_port = _free_port(), _free_port()
+    health_port, metrics_port = free_port(), free_port()
     controller = ControllerProcess(
         kubeconfig=str(service_account_kubeconfig(installed, tmp_path)),
         gcp_endpoint=emulator.grpc_endpoint,
@@ -247,16 +242,15 @@ def test_controller_reconciles_to_ready_as_the_service_account(
     )
     controller.start()
     try:
-        orch = {
-            "apiVersion": "runwarden.dev/v1alpha1",
-            "kind": "Orchestrator",
-            "metadata": {"name": "rbac-proof", "namespace": namespace},
-            "spec": {
-                "service": {"project": project, "region": region, "name": service},
-                "env": [{"name": "GCP_PROJECT_ID", "value": project}],
-                "invokers": {"members": [f"serviceAccount:{pusher}"]},
-            },
-        }
+        orch = orchestrator(
+            "rbac-proof",
+            service,
+            project=project,
+            region=region,
+            namespace=namespace,
+            env={"GCP_PROJECT_ID": project},
+            invokers=[f"serviceAccount:{pusher}"],
+        )
         installed.kubectl("apply", "-f", "-", input=json.dumps(orch))
         ready = wait_for(
             lambda: _ready(installed, namespace, "rbac-proof"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import urllib.request
@@ -29,7 +28,8 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloudrun_emulator.testing import EmulatorProcess, PubSubEmulatorProcess
+from cloudrun_emulator.testing import EmulatorProcess, PubSubEmulatorProcess, free_port
+from tests.fixtures.bodies import orchestrator
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
@@ -102,7 +102,7 @@ class Audit:
             subscriber = pubsub_v1.SubscriberClient()
             subscriber.create_subscription(name=self.subscription, topic=topic, timeout=30)
             subscriber.close()
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.controller = ControllerProcess(
             kubeconfig=cp.kubeconfig,
             gcp_endpoint=emu.grpc_endpoint,
@@ -141,21 +141,15 @@ class Audit:
         return self.metric("runwarden_audit_events_total", result=result)
 
     # -- Kubernetes
-    def apply(self, name: str, service: str, **spec: Any) -> None:
-        body: dict[str, Any] = {
-            "apiVersion": "runwarden.dev/v1alpha1",
-            "kind": "Orchestrator",
-            "metadata": {"name": name},
-            "spec": {
-                "service": {"project": PROJECT, "region": REGION, "name": service},
-                "env": [
-                    {"name": "GCP_PROJECT_ID", "value": PROJECT},
-                    {"name": "MODE", "value": "prod"},
-                ],
-                "invokers": {"members": [MEMBER]},
-                **spec,
-            },
-        }
+    def apply(self, name: str, service: str) -> None:
+        body = orchestrator(
+            name,
+            service,
+            project=PROJECT,
+            region=REGION,
+            env={"GCP_PROJECT_ID": PROJECT, "MODE": "prod"},
+            invokers=[MEMBER],
+        )
         self.cp.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(body))
 
     def get(self, name: str) -> dict[str, Any]:
@@ -268,12 +262,6 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stays(predicate: Callable[[], bool], seconds: float, message: str) -> None:

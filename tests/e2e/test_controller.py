@@ -1,121 +1,47 @@
 """End to end: the real apiserver + the emulator + `python -m controller` as a process.
 
-Every test waits for a state with a deadline (wait_for); none sleeps and hopes. The controller
-runs with RUNWARDEN_RESYNC_SECONDS=2, so "restored within resync + a few seconds" is ~10 s.
+Every test waits for a state with a deadline (Orch.wait, wait_for); none sleeps and hopes. The
+controller runs with RUNWARDEN_RESYNC_SECONDS=2, so "restored within resync + a few seconds" is
+~10 s. The Orchestrator, its service and the waits are tests/fixtures/orch.py's.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 import pytest
-import yaml
 from google.cloud import run_v2
 from google.iam.v1 import iam_policy_pb2
 
-from cloudrun_emulator.testing import EmulatorProcess
+from cloudrun_emulator.testing import EmulatorProcess, free_port
 from controller.gcp.clients import make_clients
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
+from tests.fixtures.orch import (
+    FOREIGN,
+    MEMBER,
+    MODE_VALUE,
+    OTHER_ROLE,
+    PROJECT,
+    REGION,
+    REPAIR_DEADLINE,
+    ROLE,
+    SA,
+    Orch,
+    condition,
+)
 from tests.fixtures.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
-PROJECT = "runwarden-e2e"
-REGION = "us-west2"
-SA = "invoker@runwarden-e2e.iam.gserviceaccount.com"
-MEMBER = f"serviceAccount:{SA}"
-FOREIGN = "user:someone@example.com"
-OTHER_ROLE = "roles/run.developer"
 RUN = "google.cloud.run.v2.Services/"
-MODE_VALUE = "mode-value-7c1f"  # must never show up in logs or Events
-REPAIR_DEADLINE = 20  # resync 2 s + rollout + watch latency, on a busy 2-core machine
+FINALIZER = "runwarden.dev/finalizer"
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def orchestrator(name: str, service: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": "runwarden.dev/v1alpha1",
-        "kind": "Orchestrator",
-        "metadata": {"name": name},
-        "spec": {
-            "service": {"project": PROJECT, "region": REGION, "name": service},
-            "env": [
-                {"name": "GCP_PROJECT_ID", "value": PROJECT},
-                {"name": "MODE", "value": MODE_VALUE},
-            ],
-            "invokers": {"members": [MEMBER]},
-        },
-    }
-    body["spec"].update(spec)
-    return body
-
-
-def apply(cp: ControlPlane, namespace: str, body: dict[str, Any]) -> None:
-    cp.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
-
-
-def get(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
-    out = cp.kubectl("get", "orchestrator", name, "-n", namespace, "-o", "json").stdout
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
-def condition(obj: dict[str, Any], kind: str = "Ready") -> dict[str, Any]:
-    for c in obj.get("status", {}).get("conditions", []):
-        if c["type"] == kind:
-            return c  # type: ignore[no-any-return]
-    return {}
-
-
-def wait_condition(
-    cp: ControlPlane,
-    namespace: str,
-    name: str,
-    status: str,
-    reason: str | None = None,
-    kind: str = "Ready",
-    timeout: float = REPAIR_DEADLINE,
-    extra: Callable[[dict[str, Any]], bool] = lambda _: True,
-) -> dict[str, Any]:
-    def ready() -> dict[str, Any] | None:
-        obj = get(cp, namespace, name)
-        c = condition(obj, kind)
-        generation = obj["metadata"]["generation"]
-        if (
-            c.get("status") == status
-            and (reason is None or c.get("reason") == reason)
-            and obj.get("status", {}).get("observedGeneration") == generation
-            and extra(obj)
-        ):
-            return obj
-        return None
-
-    return wait_for(ready, timeout, interval=0.3, message=f"{name} {kind}={status} {reason or ''}")
-
-
-def events(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
-    out = cp.kubectl(
-        "get",
-        "events",
-        "-n",
-        namespace,
-        "-o",
-        "json",
-        f"--field-selector=involvedObject.name={name}",
-    ).stdout
-    return json.loads(out)["items"]  # type: ignore[no-any-return]
-
-
-def has_event(cp: ControlPlane, namespace: str, name: str, reason: str) -> list[dict[str, Any]]:
-    return [e for e in events(cp, namespace, name) if e["reason"] == reason]
-
-
-def service_state(emulator: EmulatorProcess, service: str) -> dict[str, Any]:
-    return emulator.admin.get_service(PROJECT, REGION, service)
 
 
 def writes(calls: dict[str, int]) -> int:
@@ -126,19 +52,14 @@ def writes(calls: dict[str, int]) -> int:
     )
 
 
-@pytest.fixture
-def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
-    """A deployed service with a foreign variable, a foreign invoker and another role."""
-    name = unique_name("e2e")
+def own_service(
+    crds: ControlPlane, namespace: str, emulator: EmulatorProcess, service: str
+) -> Orch:
+    """A service of ``emulator``'s own with one foreign variable, for tests that start their
+    own controller (to count its calls or scrape its metrics)."""
     emulator.admin.put_service_account(SA)
-    emulator.admin.put_service(
-        PROJECT,
-        REGION,
-        name,
-        env={"FOREIGN": "keep-me"},
-        invokers={"roles/run.invoker": [FOREIGN], OTHER_ROLE: [FOREIGN]},
-    )
-    return name
+    emulator.admin.put_service(PROJECT, REGION, service, env={"FOREIGN": "x"})
+    return Orch(crds, namespace, emulator, service)
 
 
 async def full_template_update_without_env(endpoint: str, service: str) -> None:
@@ -177,18 +98,14 @@ async def drop_member_with_set_iam_policy(endpoint: str, service: str, member: s
 # ---------------------------------------------------------------------- tests
 
 
-def test_apply_becomes_ready_and_service_holds_spec(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
-) -> None:
-    apply(crds, namespace, orchestrator("orch", service, settings={"maxInstances": 4}))
-    obj = wait_condition(crds, namespace, "orch", "True")
-    state = service_state(emulator, service)
+@pytest.mark.parametrize("ready_orchestrator", [{"settings": {"maxInstances": 4}}], indirect=True)
+def test_apply_becomes_ready_and_service_holds_spec(ready_orchestrator: Orch) -> None:
+    orch = ready_orchestrator
+    obj = orch.ready
+    assert obj is not None
+    state = orch.state()
     assert state["env"] == {"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT, "MODE": MODE_VALUE}
-    assert sorted(state["iam"]["roles/run.invoker"]) == sorted([FOREIGN, MEMBER])
+    assert sorted(state["iam"][ROLE]) == sorted([FOREIGN, MEMBER])
     assert state["iam"][OTHER_ROLE] == [FOREIGN]
     assert state["settings"]["maxInstances"] == 4
 
@@ -204,17 +121,15 @@ def test_apply_becomes_ready_and_service_holds_spec(
         assert c["status"] == "True"
         assert c["observedGeneration"] == obj["metadata"]["generation"]
         assert c["lastTransitionTime"].endswith("Z")
-    assert FINALIZER_IN(obj)
-    synced = wait_for(
-        lambda: has_event(crds, namespace, "orch", "Synced"), 10, message="Synced Event"
-    )
+    assert FINALIZER in obj["metadata"].get("finalizers", [])
+    synced = wait_for(lambda: orch.has_event("Synced"), 10, message="Synced Event")
     assert synced[0]["source"]["component"] == "runwarden"  # the "From" in kubectl describe
 
     # Later checks find no drift, write nothing, and leave lastTransitionTime alone.
     before = condition(obj)["lastTransitionTime"]
     first_sync = st["lastSyncTime"]
     later = wait_for(
-        lambda: (o := get(crds, namespace, "orch"))["status"]["lastSyncTime"] != first_sync and o,
+        lambda: (o := orch.get())["status"]["lastSyncTime"] != first_sync and o,
         15,
         message="a later check",
     )
@@ -222,31 +137,15 @@ def test_apply_becomes_ready_and_service_holds_spec(
     assert condition(later)["status"] == "True"
 
 
-def FINALIZER_IN(obj: dict[str, Any]) -> bool:
-    return "runwarden.dev/finalizer" in obj["metadata"].get("finalizers", [])
-
-
 async def test_env_wiped_by_full_template_update_is_restored_foreign_survives(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
+    ready_orchestrator: Orch,
 ) -> None:
-    apply(crds, namespace, orchestrator("orch", service))
-    wait_condition(crds, namespace, "orch", "True")
-    await full_template_update_without_env(emulator.grpc_endpoint, service)
-    assert "MODE" not in service_state(emulator, service)["env"]
+    orch = ready_orchestrator
+    await full_template_update_without_env(orch.emulator.grpc_endpoint, orch.service)
+    assert "MODE" not in orch.state()["env"]
 
-    obj = wait_condition(
-        crds,
-        namespace,
-        "orch",
-        "True",
-        extra=lambda o: o["status"]["drift"]["count"] >= 1,
-    )
-    state = service_state(emulator, service)
-    assert state["env"] == {
+    obj = orch.wait("True", extra=lambda o: o["status"]["drift"]["count"] >= 1)
+    assert orch.state()["env"] == {
         "OTHER": "1",
         "FOREIGN": "keep-me",
         "GCP_PROJECT_ID": PROJECT,
@@ -255,78 +154,48 @@ async def test_env_wiped_by_full_template_update_is_restored_foreign_survives(
     drift = obj["status"]["drift"]
     assert set(drift["last"]) == {"env GCP_PROJECT_ID missing", "env MODE missing"}
     assert drift["lastRepairedTime"] and drift["lastDetectedTime"]
-    assert has_event(crds, namespace, "orch", "DriftDetected")
-    repaired = has_event(crds, namespace, "orch", "DriftRepaired")
+    assert orch.has_event("DriftDetected")
+    repaired = orch.has_event("DriftRepaired")
     assert repaired and "MODE" in repaired[0]["message"]
-    assert MODE_VALUE not in json.dumps(events(crds, namespace, "orch"))  # names, not values
-    assert MODE_VALUE not in controller.log_text()
+    assert MODE_VALUE not in json.dumps(orch.events())  # names, not values
+    assert orch.controller is not None
+    assert MODE_VALUE not in orch.controller.log_text()
 
 
 async def test_dropped_invoker_is_restored_foreign_member_and_other_role_survive(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
+    ready_orchestrator: Orch,
 ) -> None:
-    apply(crds, namespace, orchestrator("orch", service))
-    wait_condition(crds, namespace, "orch", "True")
-    await drop_member_with_set_iam_policy(emulator.grpc_endpoint, service, MEMBER)
-    assert MEMBER not in service_state(emulator, service)["iam"]["roles/run.invoker"]
+    orch = ready_orchestrator
+    await drop_member_with_set_iam_policy(orch.emulator.grpc_endpoint, orch.service, MEMBER)
+    assert MEMBER not in orch.state()["iam"][ROLE]
 
     wait_for(
-        lambda: MEMBER in service_state(emulator, service)["iam"]["roles/run.invoker"],
+        lambda: MEMBER in orch.state()["iam"][ROLE],
         REPAIR_DEADLINE,
         message="invoker restored",
     )
-    state = service_state(emulator, service)
-    assert FOREIGN in state["iam"]["roles/run.invoker"]
+    state = orch.state()
+    assert FOREIGN in state["iam"][ROLE]
     assert state["iam"][OTHER_ROLE] == [FOREIGN]
-    obj = wait_condition(
-        crds, namespace, "orch", "True", extra=lambda o: o["status"]["drift"]["count"] >= 1
-    )
+    obj = orch.wait("True", extra=lambda o: o["status"]["drift"]["count"] >= 1)
     assert obj["status"]["drift"]["last"] == [f"invoker {MEMBER} missing"]
 
 
-def test_removed_from_spec_is_pruned(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
-) -> None:
-    apply(crds, namespace, orchestrator("orch", service))
-    wait_condition(crds, namespace, "orch", "True")
-    apply(
-        crds,
-        namespace,
-        orchestrator(
-            "orch",
-            service,
-            env=[{"name": "GCP_PROJECT_ID", "value": PROJECT}],
-            invokers={"members": []},
-        ),
-    )
-    obj = wait_condition(
-        crds, namespace, "orch", "True", extra=lambda o: o["metadata"]["generation"] >= 2
-    )
-    state = service_state(emulator, service)
+def test_removed_from_spec_is_pruned(ready_orchestrator: Orch) -> None:
+    orch = ready_orchestrator
+    orch.apply(env={"GCP_PROJECT_ID": PROJECT}, invokers=[])
+    obj = orch.wait("True", extra=lambda o: o["metadata"]["generation"] >= 2)
+    state = orch.state()
     assert state["env"] == {"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT}
-    assert state["iam"]["roles/run.invoker"] == [FOREIGN]
+    assert state["iam"][ROLE] == [FOREIGN]
     assert obj["status"]["managed"] == {"env": ["GCP_PROJECT_ID"], "invokers": []}
     assert obj["status"]["drift"]["count"] == 0  # a spec change is not drift
 
 
-def test_observe_mode_reports_pending_and_writes_nothing(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
-) -> None:
-    before = service_state(emulator, service)
-    apply(crds, namespace, orchestrator("orch", service, policy={"mode": "Observe"}))
-    obj = wait_condition(crds, namespace, "orch", "False", reason="DriftDetected")
+def test_observe_mode_reports_pending_and_writes_nothing(orch: Orch) -> None:
+    before = orch.state()
+    orch.apply(policy={"mode": "Observe"})
+    obj = orch.wait("False", reason="DriftDetected")
     pending = obj["status"]["drift"]["pending"]
     assert set(pending) == {
         "env GCP_PROJECT_ID missing",
@@ -336,15 +205,15 @@ def test_observe_mode_reports_pending_and_writes_nothing(
     first_sync = obj["status"]["lastSyncTime"]
     # Several checks later the service is untouched.
     wait_for(
-        lambda: get(crds, namespace, "orch")["status"]["lastSyncTime"] != first_sync,
+        lambda: orch.get()["status"]["lastSyncTime"] != first_sync,
         15,
         message="another Observe check",
     )
-    after = service_state(emulator, service)
+    after = orch.state()
     assert after["generation"] == before["generation"]
     assert after["etag"] == before["etag"]
     assert after["env"] == before["env"] and after["iam"] == before["iam"]
-    assert has_event(crds, namespace, "orch", "DriftDetected")
+    assert orch.has_event("DriftDetected")
 
 
 def test_observe_mode_makes_no_write_calls(
@@ -352,10 +221,9 @@ def test_observe_mode_makes_no_write_calls(
     namespace: str,
     fresh_emulator: EmulatorProcess,
     kubeconfig: str,
-    tmp_path: Any,
+    tmp_path: Path,
 ) -> None:
-    fresh_emulator.admin.put_service_account(SA)
-    fresh_emulator.admin.put_service(PROJECT, REGION, "observed", env={"FOREIGN": "x"})
+    orch = own_service(crds, namespace, fresh_emulator, "observed")
     fresh_emulator.admin.reset_calls()
     with ControllerProcess(
         kubeconfig=kubeconfig,
@@ -363,8 +231,8 @@ def test_observe_mode_makes_no_write_calls(
         namespaces=[namespace],
         log_path=tmp_path / "c.log",
     ):
-        apply(crds, namespace, orchestrator("orch", "observed", policy={"mode": "Observe"}))
-        wait_condition(crds, namespace, "orch", "False", reason="DriftDetected")
+        orch.apply(policy={"mode": "Observe"})
+        orch.wait("False", reason="DriftDetected")
         wait_for(
             lambda: fresh_emulator.admin.calls().get(f"{RUN}GetService", 0) >= 3,
             20,
@@ -374,35 +242,22 @@ def test_observe_mode_makes_no_write_calls(
     assert writes(calls) == 0, calls
 
 
-def test_revoke_removes_owned_and_nothing_else(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
-) -> None:
-    apply(crds, namespace, orchestrator("orch", service, policy={"deletion": "Revoke"}))
-    wait_condition(crds, namespace, "orch", "True")
-    crds.kubectl("delete", "orchestrator", "orch", "-n", namespace, "--timeout=60s")
-    state = service_state(emulator, service)
+@pytest.mark.parametrize("ready_orchestrator", [{"policy": {"deletion": "Revoke"}}], indirect=True)
+def test_revoke_removes_owned_and_nothing_else(ready_orchestrator: Orch) -> None:
+    orch = ready_orchestrator
+    orch.delete()
+    state = orch.state()
     assert state["env"] == {"FOREIGN": "keep-me"}
-    assert state["iam"]["roles/run.invoker"] == [FOREIGN]
+    assert state["iam"][ROLE] == [FOREIGN]
     assert state["iam"][OTHER_ROLE] == [FOREIGN]
-    assert has_event(crds, namespace, "orch", "Revoked")
+    assert orch.has_event("Revoked")
 
 
-def test_abandon_leaves_the_service_as_it_is(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
-) -> None:
-    apply(crds, namespace, orchestrator("orch", service))
-    wait_condition(crds, namespace, "orch", "True")
-    crds.kubectl("delete", "orchestrator", "orch", "-n", namespace, "--timeout=60s")
-    state = service_state(emulator, service)
-    assert state["env"]["MODE"] == MODE_VALUE and MEMBER in state["iam"]["roles/run.invoker"]
+def test_abandon_leaves_the_service_as_it_is(ready_orchestrator: Orch) -> None:
+    orch = ready_orchestrator
+    orch.delete()
+    state = orch.state()
+    assert state["env"]["MODE"] == MODE_VALUE and MEMBER in state["iam"][ROLE]
 
 
 def test_service_not_found_then_found(
@@ -412,40 +267,29 @@ def test_service_not_found_then_found(
     emulator: EmulatorProcess,
     unique_name: Callable[[str], str],
 ) -> None:
-    missing = unique_name("missing")
+    orch = Orch(crds, namespace, emulator, unique_name("missing"), controller)
     emulator.admin.put_service_account(SA)
-    apply(crds, namespace, orchestrator("orch", missing))
-    obj = wait_condition(crds, namespace, "orch", "False", reason="ServiceNotFound")
-    assert missing in condition(obj)["message"]
-    emulator.admin.put_service(PROJECT, REGION, missing, env={})
-    wait_condition(crds, namespace, "orch", "True")
+    orch.apply()
+    obj = orch.wait("False", reason="ServiceNotFound")
+    assert orch.service in condition(obj)["message"]
+    emulator.admin.put_service(PROJECT, REGION, orch.service, env={})
+    orch.wait("True")
 
 
-def test_service_account_not_found_names_the_member(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
-) -> None:
+def test_service_account_not_found_names_the_member(orch: Orch) -> None:
     ghost = "serviceAccount:ghost-e2e@runwarden-e2e.iam.gserviceaccount.com"
-    apply(crds, namespace, orchestrator("orch", service, invokers={"members": [MEMBER, ghost]}))
-    obj = wait_condition(crds, namespace, "orch", "False", reason="ServiceAccountNotFound")
+    orch.apply(invokers=[MEMBER, ghost])
+    obj = orch.wait("False", reason="ServiceAccountNotFound")
     assert ghost in condition(obj)["message"]
     assert condition(obj, "InvokersSynced")["reason"] == "ServiceAccountNotFound"
     assert condition(obj, "EnvSynced")["status"] == "True"
-    assert MEMBER in service_state(emulator, service)["iam"]["roles/run.invoker"]
+    assert MEMBER in orch.state()["iam"][ROLE]
 
 
-def test_kubectl_get_prints_the_contract_columns(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    service: str,
-) -> None:
-    apply(crds, namespace, orchestrator("orch", service))
-    wait_condition(crds, namespace, "orch", "True")
-    header, row = crds.kubectl("get", "orch", "-n", namespace).stdout.splitlines()[:2]
+def test_kubectl_get_prints_the_contract_columns(ready_orchestrator: Orch) -> None:
+    orch = ready_orchestrator
+    kubectl, ns = orch.plane.kubectl, orch.namespace
+    header, row = kubectl("get", "orch", "-n", ns).stdout.splitlines()[:2]
     assert header.split() == [
         "NAME",
         "SERVICE",
@@ -458,17 +302,9 @@ def test_kubectl_get_prints_the_contract_columns(
         "SYNC",
         "AGE",
     ]
-    assert row.split()[:7] == ["orch", service, REGION, "Enforce", "True", "Synced", "0"]
-    wide = crds.kubectl("get", "orch", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
+    assert row.split()[:7] == ["orch", orch.service, REGION, "Enforce", "True", "Synced", "0"]
+    wide = kubectl("get", "orch", "-n", ns, "-o", "wide").stdout.splitlines()[0]
     assert wide.split()[-2:] == ["PROJECT", "REVISION"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
@@ -476,13 +312,10 @@ def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
     namespace: str,
     fresh_emulator: EmulatorProcess,
     kubeconfig: str,
-    tmp_path: Any,
+    tmp_path: Path,
 ) -> None:
-    import urllib.request
-
-    fresh_emulator.admin.put_service_account(SA)
-    fresh_emulator.admin.put_service(PROJECT, REGION, "steady", env={"FOREIGN": "x"})
-    port = _free_port()
+    orch = own_service(crds, namespace, fresh_emulator, "steady")
+    port = free_port()
     with ControllerProcess(
         kubeconfig=kubeconfig,
         gcp_endpoint=fresh_emulator.grpc_endpoint,
@@ -490,13 +323,13 @@ def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
         log_path=tmp_path / "c.log",
         metrics_port=port,
     ) as proc:
-        apply(crds, namespace, orchestrator("orch", "steady"))
-        obj = wait_condition(crds, namespace, "orch", "True")
+        orch.apply()
+        obj = orch.wait("True")
         fresh_emulator.admin.reset_calls()
         seen = {obj["status"]["lastSyncTime"]}
 
         def three_more_checks() -> bool:
-            seen.add(get(crds, namespace, "orch")["status"]["lastSyncTime"])
+            seen.add(orch.get()["status"]["lastSyncTime"])
             return len(seen) >= 4
 
         wait_for(three_more_checks, 30, interval=0.5, message="three more checks")
@@ -528,31 +361,32 @@ def test_api_errors_become_conditions_and_recover(
     namespace: str,
     fresh_emulator: EmulatorProcess,
     kubeconfig: str,
-    tmp_path: Any,
+    tmp_path: Path,
 ) -> None:
     admin = fresh_emulator.admin
     admin.put_service_account(SA)
     admin.put_service(PROJECT, REGION, "flaky", env={})
+    orch = Orch(crds, namespace, fresh_emulator, "flaky")
     with ControllerProcess(
         kubeconfig=kubeconfig,
         gcp_endpoint=fresh_emulator.grpc_endpoint,
         namespaces=[namespace],
         log_path=tmp_path / "c.log",
     ) as proc:
-        apply(crds, namespace, orchestrator("orch", "flaky"))
-        wait_condition(crds, namespace, "orch", "True")
+        orch.apply()
+        orch.wait("True")
 
         admin.set_faults(rate=1.0, codes=["PERMISSION_DENIED"], methods=["GetService"])
-        wait_condition(crds, namespace, "orch", "False", reason="PermissionDenied", timeout=30)
+        orch.wait("False", reason="PermissionDenied", timeout=30)
 
         admin.set_faults(rate=1.0, codes=["UNAVAILABLE"], methods=["GetIamPolicy"])
-        obj = wait_condition(crds, namespace, "orch", "False", reason="Unavailable", timeout=40)
+        obj = orch.wait("False", reason="Unavailable", timeout=40)
         assert all(c["status"] == "False" for c in obj["status"]["conditions"])
 
         admin.clear_faults()
         admin.set_quota(reads_per_minute=6)
-        wait_condition(crds, namespace, "orch", "False", reason="QuotaExceeded", timeout=40)
+        orch.wait("False", reason="QuotaExceeded", timeout=40)
 
         admin.clear_quota()
-        wait_condition(crds, namespace, "orch", "True", timeout=60)
+        orch.wait("True", timeout=60)
         assert proc.running  # never a crash

@@ -14,17 +14,13 @@ import pytest
 import yaml
 
 from controller.kube.status_writer import Connect, StatusWriteError, StatusWriter
+from tests.fixtures.bodies import orchestrator
 from tests.fixtures.k8s import ControlPlane
 
 pytestmark = pytest.mark.e2e
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
-BODY: dict[str, Any] = {
-    "apiVersion": f"{GROUP}/{VERSION}",
-    "kind": "Orchestrator",
-    "metadata": {"name": "writer"},
-    "spec": {"service": {"project": "runwarden-e2e", "region": "us-west2", "name": "svc"}},
-}
+BODY = orchestrator("writer", "svc", project="runwarden-e2e", region="us-west2")
 
 
 def _connect(kubeconfig: str, tmp: Path) -> Connect:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cloudrun_emulator.testing import EmulatorProcess
+from cloudrun_emulator.testing import EmulatorProcess, free_port
+from tests.fixtures import bodies
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import CRDS, ControlPlane
 from tests.fixtures.wait import wait_for
@@ -42,16 +42,14 @@ READY_DEADLINE = 30  # CRD served -> kopf started -> one check, on a busy 2-core
 
 
 def orchestrator(name: str, service: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "runwarden.dev/v1alpha1",
-        "kind": "Orchestrator",
-        "metadata": {"name": name},
-        "spec": {
-            "service": {"project": PROJECT, "region": REGION, "name": service},
-            "env": [{"name": "GCP_PROJECT_ID", "value": PROJECT}],
-            "invokers": {"members": [MEMBER]},
-        },
-    }
+    return bodies.orchestrator(
+        name,
+        service,
+        project=PROJECT,
+        region=REGION,
+        env={"GCP_PROJECT_ID": PROJECT},
+        invokers=[MEMBER],
+    )
 
 
 def apply(cp: ControlPlane, namespace: str, body: dict[str, Any]) -> None:
@@ -89,12 +87,6 @@ def steady_calls(emulator: EmulatorProcess, window: float = 3.0) -> dict[str, in
         assert now == first, f"more calls after the first sync: {first} -> {now}"
         time.sleep(0.2)
     return first
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def healthz(url: str) -> int:

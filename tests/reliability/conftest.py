@@ -10,18 +10,17 @@ the session (tests/reliability/test_secrets.py) scans everything once more.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloudrun_emulator.testing import EmulatorProcess
+from cloudrun_emulator.testing import EmulatorProcess, free_port
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.reliability import harness
-from tests.reliability.harness import FINAL_SCAN, CanaryCollector, Figures, Target
+from tests.reliability.harness import FINAL_SCAN, CanaryCollector, Figures, Rig
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / ".cache" / "reliability" / "last-run.md"
@@ -107,20 +106,18 @@ def start_controller(
             print(proc.tail(200))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def make_targets(canary: CanaryCollector) -> Callable[..., list[Target]]:
-    """``make_targets(n, prefix)``: n targets named ``<prefix>-<i>`` with canary values."""
-
-    def make(n: int, prefix: str = "orch") -> list[Target]:
-        return [harness.make_target(canary, f"{prefix}-{i}") for i in range(n)]
-
-    return make
+def rig(
+    crds: ControlPlane,
+    ns: str,
+    fresh_emulator: EmulatorProcess,
+    canary: CanaryCollector,
+    figures: Callable[[str, str, str], None],
+    start_controller: Callable[..., ControllerProcess],
+) -> Rig:
+    """The scenario's prologue in one: see harness.Rig. Emulator options by indirect
+    parametrization of ``fresh_emulator``, as before."""
+    return Rig(crds, ns, fresh_emulator, canary, figures, start_controller)
 
 
 # ---------------------------------------------------------------------- hooks

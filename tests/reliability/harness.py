@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from cloudrun_emulator.admin import AdminClient
+from cloudrun_emulator.testing import EmulatorProcess
+from tests.fixtures.bodies import orchestrator
+from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
 
@@ -168,19 +171,16 @@ class Target:
     service_accounts: set[str] = field(default_factory=set)
 
     def body(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "service": {"project": PROJECT, "region": REGION, "name": self.service},
-            "env": [{"name": k, "value": v} for k, v in sorted(self.env.items())],
-            "invokers": {"role": self.role, "members": sorted(self.members)},
-        }
-        if self.policy:
-            spec["policy"] = dict(self.policy)
-        return {
-            "apiVersion": "runwarden.dev/v1alpha1",
-            "kind": "Orchestrator",
-            "metadata": {"name": self.name},
-            "spec": spec,
-        }
+        return orchestrator(
+            self.name,
+            self.service,
+            project=PROJECT,
+            region=REGION,
+            env=dict(sorted(self.env.items())),
+            role=self.role,
+            invokers=sorted(self.members),
+            policy=self.policy or None,
+        )
 
     def declare_env(self, name: str, value: str) -> None:
         self.env[name] = value
@@ -429,6 +429,70 @@ def asleep_on_quota(controller: Any, names: set[str], at_least: float) -> set[st
         for name, line in last.items()
         if line.get("reason") == "QuotaExceeded" and (line.get("next_check_in") or 0) >= at_least
     }
+
+
+# ---------------------------------------------------------------------- one scenario's rig
+
+
+@dataclass
+class Rig:
+    """One scenario's pieces, the suite's one prologue (the ``rig`` fixture of conftest.py): the
+    control plane with the CRDs, the test's namespace and an emulator of its own (both scanned
+    for canaries), the canary collector, the test's row in the figures table, and a controller
+    starter (``start_controller(emulator, resync=2, metrics=False, **ControllerProcess options)``;
+    its log is scanned for canaries and it is stopped after the test)."""
+
+    plane: ControlPlane
+    ns: str
+    emulator: EmulatorProcess
+    canary: CanaryCollector
+    figures: Callable[[str, str, str], None]
+    start_controller: Callable[..., ControllerProcess]
+
+    @property
+    def admin(self) -> AdminClient:
+        return self.emulator.admin
+
+    def targets(self, n: int, prefix: str = "orch") -> list[Target]:
+        """``n`` targets named ``<prefix>-<i>`` with canary values."""
+        return [make_target(self.canary, f"{prefix}-{i}") for i in range(n)]
+
+    def deploy(self, targets: Iterable[Target]) -> None:
+        """Someone else deploys each target's service (before Runwarden adopts it)."""
+        for t in targets:
+            deploy(self.admin, t)
+
+    def apply(self, targets: Sequence[Target]) -> None:
+        apply(self.plane, self.ns, targets)
+
+    def converged(
+        self, targets: Sequence[Target], timeout: float, **options: Any
+    ) -> dict[str, dict[str, Any]]:
+        """``wait_converged`` in this namespace on this emulator (options: since, together,
+        declared); the Orchestrators as last seen."""
+        return wait_converged(self.plane, self.ns, self.admin, targets, timeout, **options)
+
+    def synced(
+        self, targets: Sequence[Target], timeout: float = 30, **controller: Any
+    ) -> ControllerProcess:
+        """The usual start: deploy the services, start a controller (``controller``: the
+        starter's options), apply the Orchestrators and wait until they converge. The
+        controller."""
+        self.deploy(targets)
+        proc = self.start_controller(self.emulator, **controller)
+        self.apply(targets)
+        self.converged(targets, timeout)
+        return proc
+
+    def orchestrators(self) -> dict[str, dict[str, Any]]:
+        return orchestrators(self.plane, self.ns)
+
+    def events(self) -> list[dict[str, Any]]:
+        return events(self.plane, self.ns)
+
+    def state(self, target: Target) -> dict[str, Any]:
+        """The target's service as the emulator's admin API shows it."""
+        return state(self.admin, target)
 
 
 # ---------------------------------------------------------------------- counters over time

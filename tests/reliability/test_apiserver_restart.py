@@ -6,23 +6,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 
-from cloudrun_emulator.testing import EmulatorProcess
 from tests.fixtures.controller import ControllerProcess
-from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
-from tests.reliability.harness import (
-    CanaryCollector,
-    Target,
-    apply,
-    deploy,
-    knock_out,
-    scaled,
-    utc_stamp,
-    violations,
-    wait_converged,
-)
+from tests.reliability.harness import Rig, knock_out, scaled, utc_stamp, violations
 
 RETURN_DEADLINE = 30  # the figure
 # The outage lasts until kopf is at this attempt of a request it keeps retrying with a growing
@@ -31,27 +18,14 @@ OUTAGE_ATTEMPT = scaled(5, 8)
 ATTEMPT = re.compile(r"Request attempt #(\d+)/")
 
 
-def test_drift_during_apiserver_outage_is_repaired_after_its_return(
-    control_plane: ControlPlane,
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-    figures: Callable[[str, str, str], None],
-) -> None:
-    admin = fresh_emulator.admin
-    targets = make_targets(2, "api")
-    for t in targets:
-        deploy(admin, t)
-    controller = start_controller(fresh_emulator)
-    apply(crds, ns, targets)
-    wait_converged(crds, ns, admin, targets, 30)
+def test_drift_during_apiserver_outage_is_repaired_after_its_return(rig: Rig) -> None:
+    admin, canary = rig.admin, rig.canary
+    targets = rig.targets(2, "api")
+    controller = rig.synced(targets)
     pid = controller.pid
     mark = len(controller.log_lines())
 
-    control_plane.stop_apiserver()
+    rig.plane.stop_apiserver()
     stopped = time.monotonic()
     try:
         assert all(violations(knock_out(admin, t, canary, i), t) for i, t in enumerate(targets))
@@ -63,20 +37,20 @@ def test_drift_during_apiserver_outage_is_repaired_after_its_return(
         )
         assert controller.running, controller.tail()
     finally:
-        control_plane.start_apiserver()
+        rig.plane.start_apiserver()
     back = time.monotonic()
     since = utc_stamp(round_up=True)
 
-    wait_converged(crds, ns, admin, targets, RETURN_DEADLINE, since=since)
+    rig.converged(targets, RETURN_DEADLINE, since=since)
     repaired = time.monotonic() - back
     assert controller.running and controller.pid == pid, "the controller restarted"
 
     # Watching again: a spec change made now is applied.
     changed = time.monotonic()
     targets[0].declare_env("AFTER_RESTART", canary.value("after-restart"))
-    apply(crds, ns, targets)
-    wait_converged(crds, ns, admin, targets, RETURN_DEADLINE)
-    figures(
+    rig.apply(targets)
+    rig.converged(targets, RETURN_DEADLINE)
+    rig.figures(
         "apiserver restart (etcd kept)",
         f"1 outage of {back - stopped:.0f} s (to kopf's retry #{OUTAGE_ATTEMPT}), 2 Orchestrators",
         f"same process; drift made during the outage repaired and in status "

@@ -5,89 +5,52 @@ with backoff while it keeps failing, and recovers once the fault is gone."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from cloudrun_emulator.testing import EmulatorProcess
-from tests.fixtures.controller import ControllerProcess
-from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
-from tests.reliability.harness import (
-    RUN,
-    CanaryCollector,
-    Target,
-    apply,
-    condition,
-    deploy,
-    event_counts,
-    events,
-    gaps,
-    orchestrators,
-    scaled,
-    state,
-    wait_converged,
-)
+from tests.reliability.harness import RUN, Rig, Target, condition, event_counts, gaps, scaled
 
 FAILURES = scaled(3, 5)
 ROLLOUT = {"rollout_ms": 200}
 
 
-def broken_rollout(
-    crds: ControlPlane,
-    ns: str,
-    emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    target: Target,
-    canary: CanaryCollector,
-) -> tuple[dict[str, Any], ControllerProcess]:
+def broken_rollout(rig: Rig, target: Target) -> dict[str, Any]:
     """A synced Orchestrator, then a spec change whose revision fails. Returns the service as it
     was before the change."""
-    admin = emulator.admin
-    deploy(admin, target)
-    controller = start_controller(emulator)
-    apply(crds, ns, [target])
-    wait_converged(crds, ns, admin, [target], 30)
-    before = state(admin, target)
-    admin.set_faults(fail_next_revision=True)
-    target.declare_env(sorted(target.env)[0], canary.value("new-release"))
-    apply(crds, ns, [target])
-    return before, controller
+    rig.synced([target])
+    before = rig.state(target)
+    rig.admin.set_faults(fail_next_revision=True)
+    target.declare_env(sorted(target.env)[0], rig.canary.value("new-release"))
+    rig.apply([target])
+    return before
 
 
-def updates(emulator: EmulatorProcess) -> int:
-    return emulator.admin.calls().get(f"{RUN}UpdateService", 0)
+def updates(rig: Rig) -> int:
+    return rig.admin.calls().get(f"{RUN}UpdateService", 0)
 
 
 @pytest.mark.parametrize("fresh_emulator", [ROLLOUT], indirect=True)
-def test_failed_revision_is_reported_and_the_previous_one_keeps_serving(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-    figures: Callable[[str, str, str], None],
-) -> None:
-    (target,) = make_targets(1, "roll")
-    before, _ = broken_rollout(crds, ns, fresh_emulator, start_controller, target, canary)
+def test_failed_revision_is_reported_and_the_previous_one_keeps_serving(rig: Rig) -> None:
+    (target,) = rig.targets(1, "roll")
+    before = broken_rollout(rig, target)
 
     def revision_failed() -> dict[str, Any] | None:
-        obj = orchestrators(crds, ns)[target.name]
+        obj = rig.orchestrators()[target.name]
         return obj if condition(obj).get("reason") == "RevisionFailed" else None
 
     obj = wait_for(revision_failed, 30, message="Ready=False RevisionFailed")
     assert condition(obj)["status"] == "False"
     assert condition(obj, "EnvSynced")["reason"] == "RevisionFailed"
-    svc = state(fresh_emulator.admin, target)
+    svc = rig.state(target)
     assert svc["ready"] == "CONDITION_FAILED"
     assert svc["latestReadyRevision"] == before["latestReadyRevision"], "old revision replaced"
     assert svc["latestCreatedRevision"] != before["latestReadyRevision"]
     assert obj["status"]["latestReadyRevision"] == before["latestReadyRevision"].rsplit("/")[-1]
-    reasons = event_counts(events(crds, ns))
+    reasons = event_counts(rig.events())
     assert reasons["UpdateFailed"] >= 1, dict(reasons)
-    figures(
+    rig.figures(
         "Failed rollout: reported",
         "1 failed revision",
         "Ready=False RevisionFailed, previous revision still serving, Warning UpdateFailed",
@@ -96,24 +59,16 @@ def test_failed_revision_is_reported_and_the_previous_one_keeps_serving(
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("fresh_emulator", [ROLLOUT], indirect=True)
-def test_failed_rollout_is_retried_with_backoff_and_recovers_once_cleared(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-    figures: Callable[[str, str, str], None],
-) -> None:
-    admin = fresh_emulator.admin
-    (target,) = make_targets(1, "retry")
-    broken_rollout(crds, ns, fresh_emulator, start_controller, target, canary)
+def test_failed_rollout_is_retried_with_backoff_and_recovers_once_cleared(rig: Rig) -> None:
+    admin = rig.admin
+    (target,) = rig.targets(1, "retry")
+    broken_rollout(rig, target)
     attempts: list[float] = []
     claimed_ready_while_failed: list[str] = []
 
     def failed_attempt(seen: int) -> bool:
-        obj = orchestrators(crds, ns)[target.name]
-        failed = state(admin, target)["ready"] == "CONDITION_FAILED"
+        obj = rig.orchestrators()[target.name]
+        failed = rig.state(target)["ready"] == "CONDITION_FAILED"
         ready = condition(obj)
         # A Ready condition of the previous generation says nothing about this spec's rollout:
         # until the check that writes the new spec ends, it is the last sync's (and the revision
@@ -121,9 +76,9 @@ def test_failed_rollout_is_retried_with_backoff_and_recovers_once_cleared(
         current = ready.get("observedGeneration") == obj["metadata"]["generation"]
         if failed and current and ready.get("status") == "True":
             claimed_ready_while_failed.append(str(ready.get("reason")))
-        return updates(fresh_emulator) > seen and failed
+        return updates(rig) > seen and failed
 
-    seen = updates(fresh_emulator) - 1  # the spec change's write may have happened already
+    seen = updates(rig) - 1  # the spec change's write may have happened already
     for attempt in range(FAILURES):
         wait_for(
             lambda s=seen: failed_attempt(s) or claimed_ready_while_failed,
@@ -135,17 +90,17 @@ def test_failed_rollout_is_retried_with_backoff_and_recovers_once_cleared(
             f"Ready=True ({claimed_ready_while_failed[0]}) while the latest revision had failed"
         )
         attempts.append(time.monotonic())
-        seen = updates(fresh_emulator)
+        seen = updates(rig)
         if attempt + 1 < FAILURES:
             admin.set_faults(fail_next_revision=True)  # still broken: the retry fails too
     admin.clear_faults()
     began = time.monotonic()
-    wait_converged(crds, ns, admin, [target], 120)
-    svc = state(admin, target)
+    rig.converged([target], 120)
+    svc = rig.state(target)
     assert svc["latestReadyRevision"] == svc["latestCreatedRevision"]
     intervals = gaps(attempts)
     assert intervals[-1] > 1.5 * intervals[0], f"no backoff between attempts: {intervals}"
-    figures(
+    rig.figures(
         "Failed rollout: retried and recovered",
         f"{FAILURES} failed attempts",
         f"retry intervals {[round(i, 1) for i in intervals]} s; recovered "

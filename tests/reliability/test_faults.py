@@ -5,36 +5,27 @@ converge, the invariants hold, and the repairs cost few writes (no hammering).""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from cloudrun_emulator.testing import EmulatorProcess
 from controller.gcp.gateway import READ_RETRY
 from controller.schedule.backoff import QUOTA_BACKOFF
 from tests.fixtures.controller import ControllerProcess
-from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
 from tests.reliability.harness import (
     PROJECT,
     REGION,
     RUN,
-    CanaryCollector,
     NotConverged,
-    Target,
-    apply,
+    Rig,
     delta,
-    deploy,
     event_counts,
-    events,
     knock_out,
     reads,
     scaled,
-    state,
     utc_stamp,
     violations,
-    wait_converged,
     writes,
 )
 
@@ -54,26 +45,16 @@ MAX_WRITES_PER_REPAIR = 2 * 3
 @pytest.mark.timeout((ROUNDS + 2) * DEADLINE + 120)
 @pytest.mark.parametrize("codes", [CODES, TRANSIENT], ids=["issue-mix", "transient-only"])
 @pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 50, "random_seed": 30}], indirect=True)
-def test_converges_through_30_percent_faults(
-    codes: list[str],
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-    figures: Callable[[str, str, str], None],
-) -> None:
+def test_converges_through_30_percent_faults(codes: list[str], rig: Rig) -> None:
     """Each phase (first sync, each drift round, the end of the faults) must converge within
     DEADLINE. A timeout fails the test; when the laggards were waiting on a quota backoff
     escalated by earlier non-quota failures (pinned deterministically below), the failure says
     so."""
-    admin = fresh_emulator.admin
-    targets = make_targets(ORCHESTRATORS, "flt")
-    for t in targets:
-        deploy(admin, t)
+    admin = rig.admin
+    targets = rig.targets(ORCHESTRATORS, "flt")
+    rig.deploy(targets)
     admin.set_faults(rate=RATE, codes=codes)
-    controller = start_controller(fresh_emulator)
+    controller = rig.start_controller(rig.emulator)
     counts = f"{ORCHESTRATORS} Orchestrators x {ROUNDS} drift rounds"
     scenario = f"Faults: 30 % of calls fail {' / '.join(codes)}"
 
@@ -81,16 +62,16 @@ def test_converges_through_30_percent_faults(
         began = time.monotonic()
         mark = len(controller.log_lines())
         try:
-            objs = wait_converged(crds, ns, admin, targets, DEADLINE, **kw)
+            objs = rig.converged(targets, DEADLINE, **kw)
         except NotConverged as exc:
-            figures(scenario, counts, f"{name} did not converge in {DEADLINE} s")
+            rig.figures(scenario, counts, f"{name} did not converge in {DEADLINE} s")
             escalated = escalated_quota_backoffs(controller, exc.laggards, mark)
             if escalated:
                 exc.add_note(f"escalated quota backoffs: {sorted(escalated)}")
             raise
         return objs, time.monotonic() - began
 
-    apply(crds, ns, targets)
+    rig.apply(targets)
     _, first_sync = phase("the first sync", together=False)
 
     before = admin.calls()
@@ -98,7 +79,7 @@ def test_converges_through_30_percent_faults(
     for r in range(ROUNDS):
         since = utc_stamp(round_up=True)
         # Each deploy's own result shows the drift (reading it back later would race the repair).
-        left = [violations(knock_out(admin, t, canary, r), t) for t in targets]
+        left = [violations(knock_out(admin, t, rig.canary, r), t) for t in targets]
         assert all(left), "the drift did not land"
         round_seconds.append(phase(f"drift round {r + 1}", since=since, together=False)[1])
     calls = delta(admin.calls(), before)
@@ -110,8 +91,8 @@ def test_converges_through_30_percent_faults(
     repairs = ROUNDS * ORCHESTRATORS
     per_repair = writes(calls) / repairs
     counted = sum(o["status"]["drift"]["count"] for o in objs.values())
-    reasons = event_counts(events(crds, ns))
-    figures(
+    reasons = event_counts(rig.events())
+    rig.figures(
         scenario,
         counts,
         f"first sync {first_sync:.0f} s; each round converged in ≤ {max(round_seconds):.0f} s; "
@@ -155,35 +136,20 @@ def failed_checks(controller: ControllerProcess, after: int = 0) -> list[dict[st
     return [line for line in controller.log_lines()[after:] if line.get("event") == "check_failed"]
 
 
-def converged_single(
-    crds: ControlPlane, ns: str, emulator: EmulatorProcess, target: Target
-) -> None:
-    deploy(emulator.admin, target)
-    apply(crds, ns, [target])
-    wait_converged(crds, ns, emulator.admin, [target], 30)
-
-
 @pytest.mark.parametrize(
     ("code", "prefix"), [("DEADLINE_EXCEEDED", "rd"), ("RESOURCE_EXHAUSTED", "rq")]
 )
 def test_transient_read_faults_are_retried_within_the_call(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    code: str,
-    prefix: str,
+    rig: Rig, code: str, prefix: str
 ) -> None:
     """30 % of both reads of a check fail with ``code``: the read retry absorbs them, no check
     fails (7 tries in the read retry's 10 s: a check fails with probability 0.3**7). For
     RESOURCE_EXHAUSTED without RetryInfo (the emulator's injected fault) this is the fix of
     4e4885b: before it, such a refusal was not retried and about half the checks failed as
     QuotaExceeded (1 - 0.7**2)."""
-    (target,) = make_targets(1, prefix)
-    controller = start_controller(fresh_emulator, resync=1)
-    converged_single(crds, ns, fresh_emulator, target)
-    admin = fresh_emulator.admin
+    (target,) = rig.targets(1, prefix)
+    controller = rig.synced([target], resync=1)
+    admin = rig.admin
     mark = len(controller.log_lines())
     admin.set_faults(rate=0.3, codes=[code], methods=["GetService", "GetIamPolicy"])
     start = admin.calls().get(f"{RUN}GetIamPolicy", 0)
@@ -201,19 +167,12 @@ def test_transient_read_faults_are_retried_within_the_call(
     assert not failed, [f"{f.get('reason')}: {f.get('message')}" for f in failed]
 
 
-def test_quota_backoff_is_not_escalated_by_transient_failures(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-) -> None:
+def test_quota_backoff_is_not_escalated_by_transient_failures(rig: Rig) -> None:
     """Six transient failures, then one quota refusal, then the fault is gone: the next check
     comes after the first quota step (5-10 s), not minutes later."""
-    (target,) = make_targets(1, "esc")
-    controller = start_controller(fresh_emulator)
-    converged_single(crds, ns, fresh_emulator, target)
-    admin = fresh_emulator.admin
+    (target,) = rig.targets(1, "esc")
+    controller = rig.synced([target])
+    admin = rig.admin
     mark = len(controller.log_lines())
     admin.set_faults(rate=1.0, codes=["DEADLINE_EXCEEDED"], methods=["GetService"])
     # Each of these checks fails only once the read retry gives up, then backs off (<= resync).
@@ -243,21 +202,14 @@ def test_quota_backoff_is_not_escalated_by_transient_failures(
     )
 
 
-def test_repair_after_a_failed_attempt_is_still_a_drift_repair(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-) -> None:
-    (target,) = make_targets(1, "cnt")
-    start_controller(fresh_emulator)
-    converged_single(crds, ns, fresh_emulator, target)
-    admin = fresh_emulator.admin
+def test_repair_after_a_failed_attempt_is_still_a_drift_repair(rig: Rig) -> None:
+    (target,) = rig.targets(1, "cnt")
+    rig.synced([target])
+    admin = rig.admin
     member = sorted(target.members)[0]
     admin.set_faults(rate=1.0, codes=["UNAVAILABLE"], methods=["SetIamPolicy"])
     writes_before = admin.calls().get(f"{RUN}SetIamPolicy", 0)
-    current = state(admin, target)["iam"][target.role]
+    current = rig.state(target)["iam"][target.role]
     admin.put_service(
         PROJECT, REGION, target.service, invokers={target.role: [m for m in current if m != member]}
     )
@@ -267,8 +219,8 @@ def test_repair_after_a_failed_attempt_is_still_a_drift_repair(
         message="a failed repair",
     )
     admin.clear_faults()
-    objs = wait_converged(crds, ns, admin, [target], 30)
+    objs = rig.converged([target], 30)
     drift = objs[target.name]["status"]["drift"]
     assert drift["count"] == 1 and drift["last"] == [f"invoker {member} missing"], drift
-    repaired = [e for e in events(crds, ns) if e["reason"] == "DriftRepaired"]
+    repaired = [e for e in rig.events() if e["reason"] == "DriftRepaired"]
     assert repaired and member in repaired[-1]["message"]

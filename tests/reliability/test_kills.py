@@ -6,27 +6,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 
 import pytest
 
-from cloudrun_emulator.testing import EmulatorProcess
-from tests.fixtures.controller import ControllerProcess
-from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
-from tests.reliability.harness import (
-    RUN,
-    CanaryCollector,
-    Target,
-    apply,
-    deploy,
-    event_counts,
-    events,
-    knock_out,
-    scaled,
-    state,
-    wait_converged,
-)
+from tests.reliability.harness import RUN, Rig, event_counts, knock_out, scaled
 
 KILLS = scaled(5, 20)
 ORCHESTRATORS = 3
@@ -39,30 +23,18 @@ EVENTS_PER_KILL = 4
 
 @pytest.mark.timeout(120 + KILLS * (CONVERGE + 30))
 @pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": ROLLOUT_MS}], indirect=True)
-def test_sigkill_at_random_moments_then_converges_without_event_storm(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-    figures: Callable[[str, str, str], None],
-) -> None:
-    admin = fresh_emulator.admin
+def test_sigkill_at_random_moments_then_converges_without_event_storm(rig: Rig) -> None:
+    admin = rig.admin
     rng = random.Random(KILLS)
-    targets = make_targets(ORCHESTRATORS, "kill")
-    for t in targets:
-        deploy(admin, t)
-    controller = start_controller(fresh_emulator)
-    apply(crds, ns, targets)
-    wait_converged(crds, ns, admin, targets, CONVERGE)
+    targets = rig.targets(ORCHESTRATORS, "kill")
+    controller = rig.synced(targets, CONVERGE)
 
     mid_write = 0
     recovery: list[float] = []
     for k in range(KILLS):
         updates = admin.calls().get(f"{RUN}UpdateService", 0)
         for t in targets:
-            knock_out(admin, t, canary, k)
+            knock_out(admin, t, rig.canary, k)
         if k % 2 == 0:
             # Right after the controller's UpdateService is accepted: its rollout is pending, the
             # read-back that verifies it (and the status patch) has not happened.
@@ -73,7 +45,7 @@ def test_sigkill_at_random_moments_then_converges_without_event_storm(
                 message="the controller's repair write",
             )
             controller.kill()
-            mid_write += any(state(admin, t)["reconciling"] for t in targets)
+            mid_write += any(rig.state(t)["reconciling"] for t in targets)
         else:
             # A random moment within ~1.5 resync periods of the drift: kills spaced at random on
             # purpose, so this is a sleep and not a wait for a condition.
@@ -81,13 +53,13 @@ def test_sigkill_at_random_moments_then_converges_without_event_storm(
             controller.kill()
         controller.start()
         began = time.monotonic()
-        wait_converged(crds, ns, admin, targets, CONVERGE)
+        rig.converged(targets, CONVERGE)
         recovery.append(time.monotonic() - began)
 
-    reasons = event_counts(events(crds, ns))
+    reasons = event_counts(rig.events())
     total = sum(reasons.values())
     starts = sum(1 for line in controller.log_lines() if line.get("event") == "started")
-    figures(
+    rig.figures(
         "Kills (SIGKILL, restart)",
         f"{KILLS} kills, {ORCHESTRATORS} Orchestrators",
         f"converged after every restart, in ≤ {max(recovery):.0f} s "

@@ -9,31 +9,22 @@ a minute or more while the others took the quota)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 
-from cloudrun_emulator.testing import EmulatorProcess
-from tests.fixtures.controller import ControllerProcess
-from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
 from tests.reliability.harness import (
     CallSampler,
-    CanaryCollector,
     NotConverged,
-    Target,
-    apply,
+    Rig,
     asleep_on_quota,
     condition,
-    deploy,
     knock_out,
     metric_sum,
-    orchestrators,
     reads,
     scaled,
     scrape,
     utc_stamp,
-    wait_converged,
 )
 
 ORCHESTRATORS = scaled(3, 8)
@@ -51,28 +42,19 @@ STARVATION = (
 
 
 @pytest.mark.timeout(420)
-def test_quota_exceeded_reported_slows_down_converges_without_burst(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-    figures: Callable[[str, str, str], None],
-) -> None:
-    admin = fresh_emulator.admin
-    targets = make_targets(ORCHESTRATORS, "quota")
-    for t in targets:
-        deploy(admin, t)
+def test_quota_exceeded_reported_slows_down_converges_without_burst(rig: Rig) -> None:
+    admin = rig.admin
+    targets = rig.targets(ORCHESTRATORS, "quota")
+    rig.deploy(targets)
     admin.set_quota(reads_per_minute=READS_PER_MINUTE)
-    controller = start_controller(fresh_emulator, resync=RESYNC, metrics=True)
+    controller = rig.start_controller(rig.emulator, resync=RESYNC, metrics=True)
     port: int = controller.metrics_port  # type: ignore[attr-defined]
 
     def refused() -> float:
         return metric_sum(scrape(port), "runwarden_gcp_requests_total", code="RESOURCE_EXHAUSTED")
 
     with CallSampler(admin, interval=0.25) as sampler:
-        apply(crds, ns, targets)
+        rig.apply(targets)
         wait_for(refused, 120, interval=0.1, message="the first refusal")
         first = time.monotonic()
         refused_at_first = refused()
@@ -80,12 +62,12 @@ def test_quota_exceeded_reported_slows_down_converges_without_burst(
         # Drift made while the quota bites: it must still be repaired.
         since = utc_stamp(round_up=True)
         for i, t in enumerate(targets):
-            knock_out(admin, t, canary, i)
+            knock_out(admin, t, rig.canary, i)
         reported = wait_for(
             lambda: [
                 t.name
                 for t in targets
-                if condition(orchestrators(crds, ns).get(t.name)).get("reason") == "QuotaExceeded"
+                if condition(rig.orchestrators().get(t.name)).get("reason") == "QuotaExceeded"
             ],
             30,
             message="QuotaExceeded in a status",
@@ -109,21 +91,21 @@ def test_quota_exceeded_reported_slows_down_converges_without_burst(
         f"refusal {rate_before:.0f} reads/min, the minute after {sent_after} sent of which "
         f"{refused_after:.0f} refused"
     )
-    figures(scenario, counts, seen)
+    rig.figures(scenario, counts, seen)
     assert refused_after <= REFUSED_PER_ORCHESTRATOR * ORCHESTRATORS, refused_after
     assert sent_after < 0.75 * rate_before, (sent_after, rate_before)  # it slowed down
 
     left = CONVERGE - (time.monotonic() - first)
     try:
-        wait_converged(crds, ns, admin, targets, left, since=since, together=False)
+        rig.converged(targets, left, since=since, together=False)
     except NotConverged as exc:
-        figures(scenario, counts, f"{seen}; not converged in {CONVERGE} s")
+        rig.figures(scenario, counts, f"{seen}; not converged in {CONVERGE} s")
         starving = asleep_on_quota(controller, exc.laggards, MINUTE)
         if starving:
             exc.add_note(STARVATION.format(names=sorted(starving)))
         raise
     converged = time.monotonic() - first
-    figures(
+    rig.figures(
         scenario,
         counts,
         f"{seen}; drift made then repaired {converged:.0f} s after the first refusal",

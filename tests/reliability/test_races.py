@@ -9,30 +9,23 @@ import asyncio
 import queue
 import random
 import threading
-from collections.abc import Callable
 
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import run_v2
 from google.iam.v1 import iam_policy_pb2, options_pb2
 
-from cloudrun_emulator.testing import EmulatorProcess
 from controller.gcp.clients import Clients, make_clients
-from tests.fixtures.controller import ControllerProcess
-from tests.fixtures.k8s import ControlPlane
 from tests.reliability.harness import (
     PROJECT,
     REGION,
     CanaryCollector,
+    Rig,
     Target,
-    apply,
-    deploy,
     event_counts,
-    events,
     metric_sum,
     scaled,
     scrape,
-    wait_converged,
 )
 
 ROUNDS = scaled(20, 100)
@@ -173,34 +166,22 @@ def change_spec(target: Target, canary: CanaryCollector, r: int) -> None:
 
 @pytest.mark.timeout(120 + ROUNDS * 6)
 @pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 100}], indirect=True)
-def test_concurrent_writer_and_spec_changes_both_hold(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-    figures: Callable[[str, str, str], None],
-) -> None:
-    admin = fresh_emulator.admin
-    (target,) = make_targets(1, "race")
-    deploy(admin, target)
-    controller = start_controller(fresh_emulator, metrics=True)
-    apply(crds, ns, [target])
-    wait_converged(crds, ns, admin, [target], 30)
+def test_concurrent_writer_and_spec_changes_both_hold(rig: Rig) -> None:
+    (target,) = rig.targets(1, "race")
+    controller = rig.synced([target], metrics=True)
 
-    writer = OutOfBandWriter(fresh_emulator.grpc_endpoint, target, canary, seed=ROUNDS)
+    writer = OutOfBandWriter(rig.emulator.grpc_endpoint, target, rig.canary, seed=ROUNDS)
     writer.start()
     try:
         for r in range(ROUNDS):
-            change_spec(target, canary, r)
-            apply(crds, ns, [target])
+            change_spec(target, rig.canary, r)
+            rig.apply([target])
             writer.ticks.put(r)  # the writer's edits overlap the controller's reaction
     finally:
         writer.join(120)
     assert not writer.errors, writer.errors
 
-    objs = wait_converged(crds, ns, admin, [target], 60)
+    objs = rig.converged([target], 60)
     managed = objs[target.name]["status"]["managed"]
     assert set(managed["env"]) == set(target.env), "status.managed.env is not the declared set"
     assert set(managed["invokers"]) == target.members, "status.managed.invokers is not declared"
@@ -208,8 +189,8 @@ def test_concurrent_writer_and_spec_changes_both_hold(
 
     metrics = scrape(controller.metrics_port)  # type: ignore[attr-defined]
     aborted = metric_sum(metrics, "runwarden_gcp_requests_total", code="ABORTED")
-    reasons = event_counts(events(crds, ns))
-    figures(
+    reasons = event_counts(rig.events())
+    rig.figures(
         "etag races (out-of-band writer + spec changes)",
         f"{ROUNDS} rounds",
         f"final state of both holds; writer: {writer.writes} writes, {writer.conflicts} etag "

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from cloudrun_emulator.testing import EmulatorProcess
-from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.wait import wait_for
 from tests.reliability.harness import (
@@ -20,14 +18,9 @@ from tests.reliability.harness import (
     PROJECT,
     REGION,
     CanaryCollector,
-    Target,
-    apply,
+    Rig,
     condition,
-    deploy,
-    orchestrators,
     sa_email,
-    state,
-    wait_converged,
 )
 
 
@@ -42,35 +35,27 @@ def test_the_scan_finds_a_planted_canary(
     assert scan.counts["log lines"] == 2
 
 
-def test_values_stay_out_of_logs_events_and_status(
-    crds: ControlPlane,
-    ns: str,
-    fresh_emulator: EmulatorProcess,
-    start_controller: Callable[..., ControllerProcess],
-    make_targets: Callable[..., list[Target]],
-    canary: CanaryCollector,
-) -> None:
+def test_values_stay_out_of_logs_events_and_status(rig: Rig) -> None:
     """The paths most tempted to show a value: a value changed out of band and repaired, the
     same change pending in Observe mode, and a failure message (unknown service account)."""
-    admin = fresh_emulator.admin
-    enforce, observe, failing = make_targets(3, "sec")
+    admin, canary = rig.admin, rig.canary
+    enforce, observe, failing = rig.targets(3, "sec")
     observe.policy = {"mode": "Observe"}
     failing.members = {f"serviceAccount:{sa_email('no-such-account')}"}
-    for t in (enforce, observe, failing):
-        deploy(admin, t)
-    controller = start_controller(fresh_emulator)
-    apply(crds, ns, [enforce, failing])
-    wait_converged(crds, ns, admin, [enforce], 30)
+    rig.deploy([enforce, observe, failing])
+    controller = rig.start_controller(rig.emulator)
+    rig.apply([enforce, failing])
+    rig.converged([enforce], 30)
 
     # Someone sets our variable to another secret value; it is put back.
     name = sorted(enforce.env)[0]
-    current = state(admin, enforce)
+    current = rig.state(enforce)
     env = {**current["env"], name: canary.value("changed-by-someone")}
     admin.put_service(PROJECT, REGION, enforce.service, env=env)
-    wait_converged(crds, ns, admin, [enforce], 30)
+    rig.converged([enforce], 30)
     # The service may hold the spec again a moment before the status says so.
     last = wait_for(
-        lambda: orchestrators(crds, ns)[enforce.name]["status"]["drift"].get("last"),
+        lambda: rig.orchestrators()[enforce.name]["status"]["drift"].get("last"),
         30,
         message="the repair in status.drift.last",
     )
@@ -79,10 +64,10 @@ def test_values_stay_out_of_logs_events_and_status(
     # Observe mode with a different value on the service: pending, named, not shown.
     others = {k: canary.value("other") for k in observe.env}
     admin.put_service(PROJECT, REGION, observe.service, env={**observe.foreign_env, **others})
-    apply(crds, ns, [observe])
+    rig.apply([observe])
     obj = wait_for(
         lambda: (
-            (o := orchestrators(crds, ns).get(observe.name))
+            (o := rig.orchestrators().get(observe.name))
             and condition(o).get("reason") == "DriftDetected"
             and o
         ),
@@ -92,14 +77,14 @@ def test_values_stay_out_of_logs_events_and_status(
     assert sorted(obj["status"]["drift"]["pending"])[0] == f"env {sorted(observe.env)[0]} changed"
     wait_for(
         lambda: (
-            condition(orchestrators(crds, ns)[failing.name], "InvokersSynced").get("reason")
+            condition(rig.orchestrators()[failing.name], "InvokersSynced").get("reason")
             == "ServiceAccountNotFound"
         ),
         30,
         message="ServiceAccountNotFound",
     )
 
-    scan = canary.scan(crds, [controller.log_path], [ns])
+    scan = canary.scan(rig.plane, [controller.log_path], [rig.ns])
     assert scan.counts["log lines"] and scan.counts["events"] and scan.counts["statuses"] == 3
     assert not scan.hits, scan.hits
 
