@@ -1,7 +1,7 @@
 """Cloud Audit Log entries for Cloud Run: which service changed, who changed it, and whether it was
 Runwarden's own write.
 
-Pure: no I/O, no Google client, no kopf, no asyncio. The Pub/Sub subscriber (auditsub.py) hands
+Pure: no I/O, no Google client, no kopf, no asyncio. The Pub/Sub subscriber (listener.py) hands
 each message's bytes to ``parse`` and asks ``OwnWrites.origin`` whose write it was; everything
 else it does is plumbing.
 

@@ -60,7 +60,7 @@ class AuditListener:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
-    # Delegates for the drift loop (handlers.py).
+    # Delegates for the drift check (check.py).
     def begin_check(self, ref: ServiceRef, reasons: tuple[str, ...] = ()) -> Hold | None:
         return self.router.begin_check(ref, reasons)
 

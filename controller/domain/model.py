@@ -304,7 +304,7 @@ class Reason(enum.StrEnum):
     CONFLICT = "Conflict"  # someone else wrote in between; retried shortly
     INTERNAL_ERROR = "InternalError"  # a bug in Runwarden; retried with backoff
     PROGRESSING = "Progressing"
-    DRIFT_FIGHT = "DriftFight"  # someone keeps undoing the spec; repairs held (fight.py)
+    DRIFT_FIGHT = "DriftFight"  # someone keeps undoing the spec; repairs held (audit/fights.py)
     # Warning Events (not condition reasons): what a check saw and leaves alone.
     CONDITIONAL_BINDING = "ConditionalBinding"
     INVOKER_IAM_DISABLED = "InvokerIamDisabled"
@@ -312,7 +312,7 @@ class Reason(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Condition:
-    """One condition as computed by a reconcile; status.py adds the timestamps."""
+    """One condition as computed by a reconcile; kube/status_patch.py adds the timestamps."""
 
     type: str
     status: bool

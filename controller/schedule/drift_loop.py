@@ -1,6 +1,6 @@
 """Per-Orchestrator drift loops: "check when due, or at once when woken".
 
-One ``DriftLoop`` per Orchestrator, in this process's memory. The kopf wiring (handlers.py)
+One ``DriftLoop`` per Orchestrator, in this process's memory. The kopf wiring (operator/handlers.py)
 runs each loop's checks; spec changes wake it; so can anything else that learns a service has
 changed, e.g. a Cloud Audit Log listener::
 

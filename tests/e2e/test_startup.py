@@ -35,7 +35,8 @@ RUN = "google.cloud.run.v2.Services/"
 CRD = "orchestrators.runwarden.dev"
 CRD_FILE = CRDS / f"{CRD}.yaml"
 # kopf's warning when it runs without the resource it serves; from then on it only notices the
-# CRD if its discovery re-scan happens to run after the apiserver publishes it (see handlers.run).
+# CRD if its discovery re-scan happens to run after the apiserver publishes it (see run() in
+# controller/operator/handlers.py).
 UNRESOLVED = "Unresolved resources cannot be served"
 WAITING = '"event": "waiting_for_crd"'
 READY_DEADLINE = 30  # CRD served -> kopf started -> one check, on a busy 2-core machine
