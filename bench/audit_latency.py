@@ -162,27 +162,13 @@ def _pubsub(work: Path) -> Iterator[PubSubEmulatorProcess]:
         emu.stop()
 
 
-@contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _topic_and_subscription(pubsub: PubSubEmulatorProcess) -> tuple[str, str]:
     from google.cloud import pubsub_v1
 
     suffix = uuid.uuid4().hex[:8]
     topic = f"projects/{pubsub.project}/topics/bench-audit-{suffix}"
     subscription = f"projects/{pubsub.project}/subscriptions/bench-audit-{suffix}"
-    with _env(PUBSUB_EMULATOR_HOST=pubsub.host):
+    with pubsub.environment():
         pubsub_v1.PublisherClient().create_topic(name=topic, timeout=30)
         subscriber = pubsub_v1.SubscriberClient()
         subscriber.create_subscription(name=subscription, topic=topic, timeout=30)

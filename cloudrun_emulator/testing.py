@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -225,6 +226,20 @@ class PubSubEmulatorProcess:
     def host(self) -> str:
         """``127.0.0.1:PORT`` — the value for PUBSUB_EMULATOR_HOST."""
         return f"127.0.0.1:{self.port}"
+
+    @contextlib.contextmanager
+    def environment(self) -> Iterator[None]:
+        """PUBSUB_EMULATOR_HOST pointing at this emulator for a block, restored after (the
+        google-cloud-pubsub clients read it when they are built)."""
+        saved = os.environ.get("PUBSUB_EMULATOR_HOST")
+        os.environ["PUBSUB_EMULATOR_HOST"] = self.host
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+            else:
+                os.environ["PUBSUB_EMULATOR_HOST"] = saved
 
     @staticmethod
     def unavailable_reason() -> str | None:

@@ -11,9 +11,7 @@ whose streaming pull was cancelled).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -53,7 +51,7 @@ SETTLE = 30  # first sync and the like, on a busy 2-core machine
 @pytest.fixture(scope="module")
 def audit_topic(pubsub_emulator: PubSubEmulatorProcess) -> Iterator[str]:
     topic = f"projects/{pubsub_emulator.project}/topics/audit-{uuid.uuid4().hex[:8]}"
-    with _env(PUBSUB_EMULATOR_HOST=pubsub_emulator.host):
+    with pubsub_emulator.environment():
         publisher = pubsub_v1.PublisherClient()
         publisher.create_topic(name=topic, timeout=30)
     yield topic
@@ -98,7 +96,7 @@ class Audit:
             topic,
         )
         self.subscription = f"projects/{pubsub.project}/subscriptions/rw-{uuid.uuid4().hex[:10]}"
-        with _env(PUBSUB_EMULATOR_HOST=pubsub.host):
+        with pubsub.environment():
             subscriber = pubsub_v1.SubscriberClient()
             subscriber.create_subscription(name=self.subscription, topic=topic, timeout=30)
             subscriber.close()
@@ -193,7 +191,7 @@ class Audit:
         self.emu.admin.put_service(PROJECT, REGION, service, principal=principal, **kw)
 
     def publish(self, data: bytes) -> None:
-        with _env(PUBSUB_EMULATOR_HOST=self.pubsub.host):
+        with self.pubsub.environment():
             publisher = pubsub_v1.PublisherClient()
             publisher.publish(self.topic, data).result(timeout=30)
             publisher.stop()
@@ -204,7 +202,7 @@ class Audit:
 
     def stop(self) -> None:
         self.controller.stop()
-        with _env(PUBSUB_EMULATOR_HOST=self.pubsub.host):
+        with self.pubsub.environment():
             subscriber = pubsub_v1.SubscriberClient()
             try:
                 subscriber.delete_subscription(subscription=self.subscription, timeout=30)
@@ -247,21 +245,6 @@ def service(audit: Audit, unique_name: Callable[[str], str]) -> str:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for a block (the Pub/Sub clients read PUBSUB_EMULATOR_HOST)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def stays(predicate: Callable[[], bool], seconds: float, message: str) -> None:
