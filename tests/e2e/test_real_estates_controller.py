@@ -13,23 +13,10 @@ import pytest
 
 from cloudrun_emulator.testing import EmulatorProcess
 from controller.gcp.clients import make_clients
-from tests.e2e.test_controller import (
-    FOREIGN,
-    MEMBER,
-    PROJECT,
-    REGION,
-    SA,
-    apply,
-    condition,
-    get,
-    has_event,
-    orchestrator,
-    service_state,
-    wait_condition,
-)
 from tests.e2e.test_real_estates import TEMP, grant_under_condition, make_public, someone_deploys
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
+from tests.fixtures.orch import FOREIGN, MEMBER, PROJECT, REGION, SA, Orch, condition
 from tests.fixtures.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -67,8 +54,9 @@ def test_a_pinned_revision_name_is_repaired_not_retried_as_a_conflict(
     emulator: EmulatorProcess,
     service: str,
 ) -> None:
-    apply(crds, namespace, orchestrator("pinned", service))
-    wait_condition(crds, namespace, "pinned", "True", timeout=DEADLINE)
+    orch = Orch(crds, namespace, emulator, service, controller, name="pinned")
+    orch.apply()
+    orch.wait("True", timeout=DEADLINE)
     pinned = f"{service}-tf-1"
 
     def deploy(svc: Any) -> None:
@@ -77,14 +65,11 @@ def test_a_pinned_revision_name_is_repaired_not_retried_as_a_conflict(
 
     on_clients(emulator.grpc_endpoint, lambda c: someone_deploys(c, service, deploy, PROJECT))
     wait_for(
-        lambda: (
-            "MODE" in service_state(emulator, service)["env"]
-            and service_state(emulator, service)["latestReadyRevision"] != pinned
-        ),
+        lambda: "MODE" in orch.state()["env"] and orch.state()["latestReadyRevision"] != pinned,
         DEADLINE,
         message="the drift under a pinned revision name repaired",
     )
-    obj = get(crds, namespace, "pinned")
+    obj = orch.get()
     assert condition(obj).get("reason") != "Conflict"
     assert obj["status"]["drift"]["count"] >= 1
 
@@ -96,20 +81,21 @@ def test_conditional_members_are_said_in_status_and_a_warning(
     emulator: EmulatorProcess,
     service: str,
 ) -> None:
+    orch = Orch(crds, namespace, emulator, service, controller, name="cond")
     on_clients(emulator.grpc_endpoint, lambda c: grant_under_condition(c, service, TEMP, PROJECT))
-    conditional = service_state(emulator, service)["iamConditional"]
-    apply(crds, namespace, orchestrator("cond", service, policy={"invokers": "Authoritative"}))
-    obj = wait_condition(crds, namespace, "cond", "True", timeout=DEADLINE)
+    conditional = orch.state()["iamConditional"]
+    orch.apply(policy={"invokers": "Authoritative"})
+    obj = orch.wait("True", timeout=DEADLINE)
     message = condition(obj, "InvokersSynced")["message"]
     assert TEMP in message and "Authoritative" in message
     wait_for(
-        lambda: has_event(crds, namespace, "cond", "ConditionalBinding"),
+        lambda: orch.has_event("ConditionalBinding"),
         DEADLINE,
         message="Warning ConditionalBinding",
     )
-    [event] = has_event(crds, namespace, "cond", "ConditionalBinding")
+    [event] = orch.has_event("ConditionalBinding")
     assert event["type"] == "Warning" and TEMP in event["message"]
-    state = service_state(emulator, service)
+    state = orch.state()
     assert state["iam"]["roles/run.invoker"] == [MEMBER]
     assert state["iamConditional"] == conditional  # never touched
 
@@ -121,18 +107,16 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
     emulator: EmulatorProcess,
     service: str,
 ) -> None:
-    apply(crds, namespace, orchestrator("iam-off", service))
-    wait_condition(crds, namespace, "iam-off", "True", timeout=DEADLINE)
+    orch = Orch(crds, namespace, emulator, service, controller, name="iam-off")
+    orch.apply()
+    orch.wait("True", timeout=DEADLINE)
     on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service, PROJECT))
     wait_for(
-        lambda: service_state(emulator, service)["invokerIamDisabled"] is False,
+        lambda: orch.state()["invokerIamDisabled"] is False,
         DEADLINE,
         message="invokerIamDisabled set back to false",
     )
-    obj = wait_condition(
-        crds,
-        namespace,
-        "iam-off",
+    obj = orch.wait(
         "True",
         timeout=DEADLINE,
         extra=lambda o: any(
@@ -142,12 +126,9 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
     assert obj["status"]["drift"]["count"] >= 1
 
     # Allowed by the policy: left public, and said so.
-    apply(crds, namespace, orchestrator("iam-off", service, policy={"allowPublicInvokers": True}))
+    orch.apply(policy={"allowPublicInvokers": True})
     on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service, PROJECT))
-    obj = wait_condition(
-        crds,
-        namespace,
-        "iam-off",
+    obj = orch.wait(
         "True",
         kind="InvokersSynced",
         timeout=DEADLINE,
@@ -155,4 +136,4 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
             "invokerIamDisabled is true" in condition(o, "InvokersSynced").get("message", "")
         ),
     )
-    assert service_state(emulator, service)["invokerIamDisabled"] is True
+    assert orch.state()["invokerIamDisabled"] is True
