@@ -26,6 +26,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--port", type=int, default=8085, help="gRPC port (0 = any free port)")
     p.add_argument("--admin-port", type=int, default=8086, help="admin HTTP port (0 = any)")
     p.add_argument(
+        "--rest-port",
+        type=int,
+        default=None,
+        help="also serve the Cloud Run Admin API v1 (Knative, as gcloud uses it) and v2 over "
+        "HTTP/1.1 JSON on this port (0 = any free port); see `cloudrun-emulator gcloud-env`",
+    )
+    p.add_argument(
         "--seed", metavar="FILE.yaml", help="services and service accounts to start with"
     )
     p.add_argument(
@@ -79,11 +86,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
         ready_file=a.ready_file,
         random_seed=a.random_seed,
         parent_pid=a.parent_pid,
+        rest_port=a.rest_port,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["gcloud-env"]:
+        from .gcloud_env import main as gcloud_env_main
+
+        return gcloud_env_main(args[1:])
+    opts = parse_args(args)
     try:
         asyncio.run(serve(opts))
     except (SeedError, AuditSetupError) as exc:

@@ -16,6 +16,7 @@ from .seed import load_seed
 from .store import Store
 from .surfaces.admin_http import start_admin
 from .surfaces.grpc import start_grpc
+from .surfaces.rest import start_rest
 
 log = logging.getLogger("cloudrun_emulator")
 
@@ -31,6 +32,7 @@ class Options:
     ready_file: str | None = None
     random_seed: int | None = None
     parent_pid: int | None = None
+    rest_port: int | None = None  # None = no REST surface
 
 
 async def serve(opts: Options, stop: asyncio.Event | None = None) -> None:
@@ -55,22 +57,26 @@ async def serve(opts: Options, stop: asyncio.Event | None = None) -> None:
 
     grpc_server, grpc_port = await start_grpc(store, controls, opts.host, opts.port)
     runner, admin_port = await start_admin(store, controls, opts.host, opts.admin_port)
+    rest_runner, rest_port = None, None
+    if opts.rest_port is not None:
+        rest_runner, rest_port = await start_rest(store, controls, opts.host, opts.rest_port)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     log.info(
-        "listening grpc=%s:%d admin=http://%s:%d rollout_ms=%d audit_topic=%s",
+        "listening grpc=%s:%d admin=http://%s:%d rest=%s rollout_ms=%d audit_topic=%s",
         opts.host,
         grpc_port,
         opts.host,
         admin_port,
+        f"http://{opts.host}:{rest_port}" if rest_port is not None else "-",
         opts.rollout_ms,
         opts.audit_topic or "-",
     )
     if opts.ready_file:
-        _write_ready_file(opts.ready_file, grpc_port, admin_port)
+        _write_ready_file(opts.ready_file, grpc_port, admin_port, rest_port)
     watchdog = None
     if opts.parent_pid:
         watchdog = asyncio.create_task(_watch_parent(opts.parent_pid, stop))
@@ -84,15 +90,20 @@ async def serve(opts: Options, stop: asyncio.Event | None = None) -> None:
             loop.remove_signal_handler(sig)
         await grpc_server.stop(grace=0.5)
         await runner.cleanup()
+        if rest_runner is not None:
+            await rest_runner.cleanup()
         if publisher is not None:
             await loop.run_in_executor(None, publisher.close)
         log.info("stopped")
 
 
-def _write_ready_file(path: str, grpc_port: int, admin_port: int) -> None:
+def _write_ready_file(path: str, grpc_port: int, admin_port: int, rest_port: int | None) -> None:
     """Atomically, so a reader never sees half a file."""
     tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps({"grpcPort": grpc_port, "adminPort": admin_port, "pid": os.getpid()}))
+    info: dict[str, int] = {"grpcPort": grpc_port, "adminPort": admin_port, "pid": os.getpid()}
+    if rest_port is not None:
+        info["restPort"] = rest_port
+    tmp.write_text(json.dumps(info))
     tmp.replace(path)
 
 

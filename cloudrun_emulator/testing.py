@@ -70,6 +70,7 @@ class EmulatorProcess:
         extra_args: list[str] | None = None,
         port: int = 0,
         admin_port: int = 0,
+        rest_port: int | None = None,
     ) -> None:
         self.seed = seed
         self.rollout_ms = rollout_ms
@@ -87,6 +88,8 @@ class EmulatorProcess:
         self.requested_ports = (port, admin_port)  # 0 = any free port
         self.grpc_port = 0
         self.admin_port = 0
+        self.requested_rest_port = rest_port  # None = no REST surface, 0 = any free port
+        self.rest_port = 0
 
     @property
     def grpc_endpoint(self) -> str:
@@ -96,6 +99,13 @@ class EmulatorProcess:
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def rest_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the REST surface (started with ``rest_port=0``)."""
+        if not self.rest_port:
+            raise RuntimeError("the emulator was started without a REST surface (rest_port=None)")
+        return f"http://127.0.0.1:{self.rest_port}"
 
     @property
     def admin(self) -> AdminClient:
@@ -129,6 +139,8 @@ class EmulatorProcess:
             cmd += ["--audit-topic", self.audit_topic]
         if self.random_seed is not None:
             cmd += ["--random-seed", str(self.random_seed)]
+        if self.requested_rest_port is not None:
+            cmd += ["--rest-port", str(self.requested_rest_port)]
         return cmd + self.extra_args
 
     def start(self, timeout: float = _START_TIMEOUT) -> EmulatorProcess:
@@ -157,6 +169,7 @@ class EmulatorProcess:
             if self._ready_file.exists():
                 info = json.loads(self._ready_file.read_text())
                 self.grpc_port, self.admin_port = info["grpcPort"], info["adminPort"]
+                self.rest_port = int(info.get("restPort", 0))
                 if self.admin.healthz():
                     return self
             time.sleep(0.05)

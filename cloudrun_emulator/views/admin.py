@@ -155,6 +155,8 @@ def get_service(store: Store, key: names.ServiceKey) -> dict[str, Any]:
         "ready": _state_name(svc.terminal_condition.state),
         "etag": base64.b64encode(entry.policy.etag).decode(),
         "serviceEtag": svc.etag,
+        "lastModifier": svc.last_modifier,
+        "annotations": dict(svc.annotations),
     }
 
 
