@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.fixtures.emulator",
     "tests.fixtures.controller",
     "tests.fixtures.orch",
+    "tests.fixtures.gcloud",
 ]
 
 # No per-example deadline: it is a timing assertion, and this machine's load (2 cores, the
