@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import json
+import os
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 CONFIG_NAME = "emulator"
 DEFAULT_PRINCIPAL = "deployer@example.com"
@@ -66,6 +71,55 @@ def write_config(
         "CLOUDSDK_ACTIVE_CONFIG_NAME": CONFIG_NAME,
         "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
     }
+
+
+class GcloudError(RuntimeError):
+    """gcloud exited non-zero; the message carries the command and its stderr."""
+
+
+class Gcloud:
+    """The installed `gcloud`, configured by `write_config` in a directory of its own (for the
+    tests and the demo). `json(...)` runs a command with `--format json` and parses it."""
+
+    def __init__(
+        self,
+        config_dir: Path,
+        rest_port: int,
+        *,
+        principal: str = DEFAULT_PRINCIPAL,
+        project: str = DEFAULT_PROJECT,
+        region: str | None = None,
+    ) -> None:
+        self.principal = principal
+        self.project = project
+        exports = write_config(
+            config_dir, rest_port, principal=principal, project=project, region=region
+        )
+        # Output is captured, never a terminal: no ANSI bold even where gcloud would add it.
+        self.env = {**os.environ, **exports, "CLOUDSDK_CORE_DISABLE_COLOR": "1", "TERM": "dumb"}
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("gcloud") is not None
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["gcloud", *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and done.returncode != 0:
+            raise GcloudError(f"gcloud {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+        return done
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "--format", "json").stdout)
 
 
 def main(argv: list[str]) -> int:

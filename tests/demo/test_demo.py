@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import socket
 import subprocess
 import urllib.parse
@@ -100,6 +101,12 @@ def test_demo_without_a_terminal_shows_both_repairs_and_tears_down(
     demo_env: dict[str, str], drift_source: str
 ) -> None:
     demo_env["DEMO_AUDIT"] = audit_choice() if drift_source == "audit-feed" else "0"
+    # The feed run causes the incidents with the real gcloud (required under CI=true), the
+    # polling run with the admin-API replay, so both paths of the demo are covered.
+    with_gcloud = drift_source == "audit-feed" and (
+        shutil.which("gcloud") is not None or os.environ.get("CI") == "true"
+    )
+    demo_env["DEMO_GCLOUD"] = "1" if with_gcloud else "0"
     done = subprocess.run(
         [str(DEMO)],
         cwd=REPO,
@@ -154,6 +161,18 @@ def test_demo_without_a_terminal_shows_both_repairs_and_tears_down(
     events = section(two, "Events:", "$ grep")
     for reason in ("DriftDetected", "DriftRepaired"):
         assert re.search(rf"{reason} .*invoker {re.escape(PUSH_MEMBER)} missing", events), events
+
+    if with_gcloud:
+        assert "the incidents are caused by real gcloud commands" in out, out
+        assert "$ gcloud run deploy phase4-to-phase5 --image " in one, one
+        assert "verified with gcloud: phase4-to-phase5 is as declared" in one, one
+        assert "$ gcloud run services set-iam-policy phase5-to-phase6 " in two, two
+        checked = section(two, "$ gcloud run services get-iam-policy", "$ gcloud run services desc")
+        assert f"roles/run.invoker: {PUSH_MEMBER}\n" in checked, checked
+        assert "verified with gcloud: phase5-to-phase6 is as declared" in two, two
+    else:
+        assert "the incidents are replayed through the emulator's admin API" in out, out
+        assert "$ gcloud" not in out, out
 
     for value in VALUES:
         assert value not in out, f"the demo printed the env var value {value!r}"
