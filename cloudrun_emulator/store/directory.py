@@ -10,10 +10,20 @@ from .records import ServiceEntry
 
 
 def missing(key: names.ServiceKey) -> ApiError:
+    """NOT_FOUND as the v1 API (gcloud) words it; seen in gcloud output, e.g.
+    GoogleCloudPlatform/generative-ai#1795: "Resource 'gemini-live-demo' of kind 'SERVICE' in
+    region 'us-central1' in project '' does not exist." """
     return not_found(
         f"Resource '{key.service}' of kind 'SERVICE' in region '{key.region}' "
         f"in project '{key.project}' does not exist."
     )
+
+
+def missing_v2(key: names.ServiceKey) -> ApiError:
+    """NOT_FOUND as the v2 API words it (Config Connector's recording of real traffic,
+    pkg/test/resourcefixture/testdata/basic/run/v1beta1/runservice/runservicebasic/_http.log:
+    `service "projects/P/locations/R/services/S" not found`)."""
+    return not_found(f'service "{key.name}" not found')
 
 
 class Directory:
@@ -33,7 +43,7 @@ class Directory:
         key = self.resolve(names.parse_service_name(name, field_name))
         entry = self.services.get(key.name)
         if entry is None:
-            raise missing(key)
+            raise missing_v2(key)
         return entry
 
     def register_project(self, project: str) -> None:

@@ -20,7 +20,7 @@ from ..errors import ApiError, invalid, not_found
 from ..events import AuditEvent, AuditSink
 from . import iam
 from .accounts import ServiceAccounts
-from .directory import Directory, missing
+from .directory import Directory, missing_v2
 from .operations import Operations
 from .records import OperationEntry, ServiceEntry, ServicePb, now, pack
 from .revisions import Revisions
@@ -252,7 +252,7 @@ class Services:
         """Create or replace a service. Returns (entry, operation, resulting Service)."""
         current = self.directory.services.get(key.name)
         if must_exist is True and current is None:
-            raise missing(key)
+            raise missing_v2(key)
         if must_exist is False and current is not None:
             raise ApiError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -267,6 +267,9 @@ class Services:
         if etag and current is None:
             raise not_found(f"Resource '{key.service}' of kind 'SERVICE' does not exist.")
         spec = self.prepare(submitted, key)
+        # Every project has its default compute service account (the one prepare() filled in),
+        # also before its first service: a first create that runs as it must pass actAs.
+        self.directory.register_project(key.project)
         if check_sa:
             self.accounts.check_act_as(spec, current.service if current else None)
         new_template = spec.template.SerializeToString(deterministic=True)
