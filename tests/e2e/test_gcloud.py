@@ -18,21 +18,9 @@ from google.iam.v1 import iam_policy_pb2
 
 from cloudrun_emulator.testing import EmulatorProcess
 from controller.gcp.clients import make_clients
-from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.gcloud import Gcloud, GcloudError
-from tests.fixtures.k8s import ControlPlane
+from tests.fixtures.orch import FOREIGN, MEMBER, MODE_VALUE, PROJECT, REGION, Orch
 from tests.fixtures.wait import wait_for
-
-from .test_controller import (
-    MEMBER,
-    MODE_VALUE,
-    PROJECT,
-    REGION,
-    SA,
-    apply,
-    orchestrator,
-    wait_condition,
-)
 
 pytestmark = pytest.mark.e2e
 
@@ -214,48 +202,32 @@ def test_missing_service_is_reported_by_gcloud(gc: Gcloud) -> None:
 # ---------------------------------------------------------------------- the controller repairs
 
 
-@pytest.fixture
-def owned(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
-    name = unique_name("gc-ctl")
-    emulator.admin.put_service_account(SA)
-    emulator.admin.put_service(
-        PROJECT, REGION, name, env={"FOREIGN": "keep-me"}, invokers={"roles/run.invoker": [PUSH]}
-    )
-    return name
-
-
-def test_controller_repairs_what_gcloud_breaks(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    gc: Gcloud,
-    owned: str,
-) -> None:
-    apply(crds, namespace, orchestrator("orch", owned))
-    wait_condition(crds, namespace, "orch", "True")
+def test_controller_repairs_what_gcloud_breaks(ready_orchestrator: Orch, gc: Gcloud) -> None:
+    orch = ready_orchestrator
+    service = orch.service
 
     # the env incident: a deploy with --set-env-vars replaces every plain variable
-    gc.run("run", "deploy", owned, "--region", REGION, "--image", "gcr.io/p/app:3",
+    gc.run("run", "deploy", service, "--region", REGION, "--image", "gcr.io/p/app:3",
            "--set-env-vars", "OTHER=1")  # fmt: skip
     # the IAM incident: the invoker the Orchestrator declares is removed by hand
     gc.run(
-        "run", "services", "remove-iam-policy-binding", owned, "--region", REGION,
+        "run", "services", "remove-iam-policy-binding", service, "--region", REGION,
         "--member", MEMBER, "--role", "roles/run.invoker",
     )  # fmt: skip
 
     def repaired() -> bool:
-        state = emulator.admin.get_service(PROJECT, REGION, owned)
+        state = orch.state()
         return "MODE" in state["env"] and MEMBER in state["iam"].get("roles/run.invoker", [])
 
     wait_for(repaired, 60, message="the controller restores MODE and the invoker")
-    wait_condition(crds, namespace, "orch", "True")
-    described = gc.json("run", "services", "describe", owned, "--region", REGION)
+    orch.wait("True")
+    described = gc.json("run", "services", "describe", service, "--region", REGION)
     env = env_of(described)
     assert env["MODE"] == MODE_VALUE and env["GCP_PROJECT_ID"] == PROJECT and env["OTHER"] == "1"
     assert "FOREIGN" not in env  # gcloud removed it; not the Orchestrator's to restore
-    policy = gc.json("run", "services", "get-iam-policy", owned, "--region", REGION)
+    assert described["spec"]["template"]["spec"]["containers"][0]["image"] == "gcr.io/p/app:3"
+    policy = gc.json("run", "services", "get-iam-policy", service, "--region", REGION)
     invokers = {
         m for b in policy["bindings"] if b["role"] == "roles/run.invoker" for m in b["members"]
     }
-    assert MEMBER in invokers and PUSH in invokers
+    assert invokers == {MEMBER, FOREIGN}
