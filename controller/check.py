@@ -104,7 +104,8 @@ async def check(
     metrics.RECONCILE_SECONDS.observe(elapsed)
     for aspect in update.drift.aspects:
         metrics.DRIFT_REPAIRS.labels(aspect=aspect.value).inc()
-    metrics.set_ready(loop.key[0], loop.key[1], "True" if update.ready.status else "False")
+    ready = "True" if update.ready.status else "False"
+    metrics.set_ready(loop.key[0], loop.key[1], ready, str(update.ready.reason))
 
     if result == "synced" and not logging.getLogger(LOGGER).isEnabledFor(logging.DEBUG):
         return status_patch  # the steady state: nothing to log at INFO

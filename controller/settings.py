@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m controller",
         description="Runwarden: keeps Cloud Run services holding the env vars, invokers and "
         "settings declared in Orchestrator resources.",
+        epilog="`runwarden export --help`: print Orchestrator YAML for live Cloud Run services.",
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from google.cloud import run_v2
@@ -222,3 +223,42 @@ def edit_policy(
     if any(b.HasField("condition") for b in edited.bindings):
         edited.version = 3
     return edited
+
+
+OWNER_ANNOTATION = "runwarden.dev/owner"  # CONTRACT §6.1: the claim on the service
+
+
+@dataclass(frozen=True)
+class AdoptionFacts:
+    """What ``runwarden export`` must know about a live service beyond its ``Observed``: the
+    parts an Orchestrator cannot declare. Names and counts only, never values."""
+
+    containers: tuple[str, ...]  # every container's name, in the template's order
+    managed_container: str  # the container an Orchestrator without spec.service.container manages
+    other_env: Mapping[str, tuple[str, ...]]  # another container's name -> its env var names
+    conditional_bindings: int  # bindings of the role that carry an IAM condition
+    owner: str  # the runwarden.dev/owner annotation ("" = unclaimed)
+
+
+def adoption_facts(observed: Observed, role: str) -> AdoptionFacts:
+    """The facts of ``observed`` (as read by the gateway) that decide whether it can be exported."""
+    service: Any = observed.service_handle
+    policy: Any = observed.policy_handle
+    managed = container_of(service, observed.container)
+    containers = tuple(c.name for c in service.template.containers)
+    # Cloud Run requires distinct container names once there are several.
+    other_env = {
+        c.name: tuple(e.name for e in c.env)
+        for c in service.template.containers
+        if len(containers) > 1 and c.name != managed.name and len(c.env)
+    }
+    conditional = 0
+    if policy is not None:
+        conditional = sum(1 for b in policy.bindings if b.role == role and b.HasField("condition"))
+    return AdoptionFacts(
+        containers=containers,
+        managed_container=managed.name,
+        other_env=other_env,
+        conditional_bindings=conditional,
+        owner=str(service.annotations.get(OWNER_ANNOTATION, "")),
+    )

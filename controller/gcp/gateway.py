@@ -8,6 +8,7 @@ this module only as the small vocabulary below, each carrying its condition reas
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -129,6 +130,31 @@ class Gateway:
             iam_etag=policy.etag,
             policy_handle=policy,
         )
+
+    async def list_services(self, project: str, region: str) -> list[str]:
+        """The names of every service in a project and region (ListServices, page by page).
+
+        Each page is a paced, counted read of its own (the client's pager would fetch later
+        pages behind the budget's back)."""
+        parent = f"projects/{project}/locations/{region}"
+        names: list[str] = []
+        token = ""
+        with translate(f"services of {parent}"):
+            while True:
+                request = run_v2.ListServicesRequest(parent=parent, page_token=token)
+                page = await self._read(
+                    "ListServices",
+                    functools.partial(self._list_page, request),
+                    region=region,
+                )
+                names += [s.name.rsplit("/", 1)[-1] for s in page.services]
+                token = page.next_page_token
+                if not token:
+                    return sorted(names)
+
+    async def _list_page(self, request: run_v2.ListServicesRequest) -> run_v2.ListServicesResponse:
+        pager = await self._run.list_services(request=request, retry=None, timeout=self._timeout)
+        return await anext(aiter(pager.pages))  # the first page is the response itself
 
     async def service_account_exists(self, email: str) -> bool:
         """Whether a service account exists; positive answers are cached for a while."""

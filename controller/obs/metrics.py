@@ -56,24 +56,53 @@ BUDGET_WAIT = Counter(
     ["region", "kind"],  # kind: read | write
 )
 
-_ready_by_object: dict[tuple[str, str], str] = {}
+# Ready by reason, for dashboards and alerts (manifests/monitoring/): a count per (ready,
+# reason), and one series per Orchestrator that is not Ready (none while all are Ready), so an
+# alert can name the object and the reason. Not "namespace"/"name": Prometheus's own target
+# labels would shadow them (the scraped ones become exported_namespace).
+ORCHESTRATORS_BY_REASON = Gauge(
+    "runwarden_orchestrators_by_reason",
+    "Orchestrators handled by this controller, by Ready condition status and reason.",
+    ["ready", "reason"],
+)
+ORCHESTRATOR_NOT_READY = Gauge(
+    "runwarden_orchestrator_not_ready",
+    "1 for each Orchestrator whose Ready condition is not True, labelled with its reason.",
+    ["orchestrator_namespace", "orchestrator_name", "reason"],
+)
+
+_ready_by_object: dict[tuple[str, str], tuple[str, str]] = {}
 _ready_counts: dict[str, int] = {"True": 0, "False": 0, "Unknown": 0}
+_reason_counts: dict[tuple[str, str], int] = {}
 for _state in _ready_counts:
     ORCHESTRATORS.labels(ready=_state).set(0)
 
 
-def set_ready(namespace: str, name: str, ready: str | None) -> None:
-    """Record one Orchestrator's Ready status ("True"/"False"/"Unknown"; None = forgotten)."""
+def set_ready(namespace: str, name: str, ready: str | None, reason: str = "") -> None:
+    """Record one Orchestrator's Ready status ("True"/"False"/"Unknown"; None = forgotten) and
+    the condition's reason."""
     key = (namespace, name)
     old = _ready_by_object.pop(key, None) if ready is None else _ready_by_object.get(key)
-    if ready is not None:
-        _ready_by_object[key] = ready
-    if old == ready:
+    new = (ready, reason) if ready is not None else None
+    if new is not None:
+        _ready_by_object[key] = new
+    if old == new:
         return
-    for state, delta in ((old, -1), (ready, 1)):
-        if state is not None:
+    for entry, delta in ((old, -1), (new, 1)):
+        if entry is None:
+            continue
+        state, why = entry
+        if old is None or new is None or old[0] != new[0]:
             _ready_counts[state] = _ready_counts.get(state, 0) + delta
             ORCHESTRATORS.labels(ready=state).set(_ready_counts[state])
+        _reason_counts[entry] = _reason_counts.get(entry, 0) + delta
+        ORCHESTRATORS_BY_REASON.labels(ready=state, reason=why).set(_reason_counts[entry])
+    if old is not None and old[0] != "True":
+        ORCHESTRATOR_NOT_READY.remove(namespace, name, old[1])
+    if new is not None and new[0] != "True":
+        ORCHESTRATOR_NOT_READY.labels(
+            orchestrator_namespace=namespace, orchestrator_name=name, reason=new[1]
+        ).set(1)
 
 
 def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
