@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 testenv:
 	hack/testenv build
+	hack/testenv build-tools
 
 lint: venv
 	$(BIN)/lint-imports
