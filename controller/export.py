@@ -35,7 +35,7 @@ from controller.gcp import convert
 from controller.gcp.clients import make_clients
 from controller.gcp.errors import GatewayError
 from controller.gcp.gateway import Gateway
-from controller.kube import namespaces
+from controller.kube import namespace_annotations as namespaces
 
 API_VERSION = "runwarden.dev/v1alpha1"
 ENV_GCP_ENDPOINT = "RUNWARDEN_GCP_ENDPOINT"
