@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from cloudrun_emulator.testing import EmulatorProcess
 from tests.fixtures.controller import ControllerProcess
@@ -113,10 +114,22 @@ def test_every_metric_used_by_rules_and_dashboard_is_exposed(
             interval=0.5,
             message="the missing service's Orchestrator reported not Ready",
         )
-    assert (
-        f'runwarden_orchestrator_not_ready{{orchestrator_namespace="{namespace}",'
-        'orchestrator_name="missing",reason="ServiceNotFound"} 1.0'
-    ) in text
+    not_ready_samples = [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "runwarden_orchestrator_not_ready"
+    ]
+    assert not_ready_samples == [
+        (
+            {
+                "orchestrator_namespace": namespace,
+                "orchestrator_name": "missing",
+                "reason": "ServiceNotFound",
+            },
+            1.0,
+        )
+    ]
     exposed = exposed_names(text)
     used = metric_names_used()
     assert used, "no metric names found in rules and dashboard"
