@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,11 +153,10 @@ def test_export_apply_enforce_makes_zero_writes(
         assert writes(emu.admin.calls()) == {}
 
         emu.admin.reset_calls()
-        for name in names:
-            cp.kubectl(
-                "patch", "orchestrator", name, "-n", namespace, "--type=merge",
-                "-p", '{"spec":{"policy":{"mode":"Enforce"}}}',
-            )  # fmt: skip
+        # The README's third command: the same YAML with policy.mode switched to Enforce.
+        enforce, switched = re.subn(r"(?m)^    mode: Observe$", "    mode: Enforce", done.stdout)
+        assert switched == len(names)
+        cp.kubectl("apply", "-f", "-", input=enforce)
         for name in names:
             obj = wait_for(
                 lambda n=name: ready_in_sync(cp, namespace, n),
@@ -166,15 +166,14 @@ def test_export_apply_enforce_makes_zero_writes(
             )
             assert obj["spec"]["policy"]["mode"] == "Enforce"
             assert obj["status"]["drift"]["count"] == 0
-        # Several Enforce checks of every service (resync 2 s), not just the first one.
+        # More Enforce checks of every service (resync 2 s), after each was seen in Enforce.
+        gets = "google.cloud.run.v2.Services/GetService"
+        seen = emu.admin.calls().get(gets, 0)
         wait_for(
-            lambda: (
-                emu.admin.calls().get("google.cloud.run.v2.Services/GetService", 0)
-                >= 3 * len(names)
-            ),
+            lambda: emu.admin.calls().get(gets, 0) >= seen + 2 * len(names),
             READY_DEADLINE,
             interval=0.5,
-            message="three Enforce checks per service",
+            message="two more Enforce checks per service",
         )
         assert writes(emu.admin.calls()) == {}, controller.tail()
     after = {n: emu.admin.get_service(PROJECT, REGION, n) for n in names}
