@@ -112,13 +112,16 @@ def orchestrator(
         "invokers": "Additive",
         "deletion": "Abandon",
     }
+    if observed.invoker_iam_disabled:
+        # Anyone may invoke (invokerIamDisabled): only allowPublicInvokers leaves it so.
+        public.append("invokerIamDisabled")
     if public:
         policy["allowPublicInvokers"] = True
         if target.annotations is not None and not namespaces.allows_public_invokers(
             target.annotations
         ):
             reasons.append(
-                f"roles/run.invoker grants {', '.join(public)} (the service is public) and "
+                f"the service is public ({', '.join(public)}) and "
                 f"namespace {target.namespace} lacks the annotation "
                 f'{namespaces.ALLOW_PUBLIC_ANNOTATION}: "true"; a cluster admin must set it '
                 "before an Orchestrator there may keep public invokers"

@@ -255,3 +255,13 @@ def test_the_cli_refuses_a_bad_project_before_any_call(capsys):
         export.main(["--project", "X", "--region", "us-west2"])
     assert exited.value.code == 2
     assert "--project is not a valid GCP project id" in capsys.readouterr().err
+
+
+def test_invoker_iam_disabled_is_public_and_kept_so():
+    (doc, _), observed = run_export(service(invoker_iam_disabled=True))
+    assert observed.invoker_iam_disabled
+    assert doc["spec"]["policy"]["allowPublicInvokers"] is True
+    closed = export.Target(namespace="pipeline", annotations={"runwarden.dev/projects": "*"})
+    with pytest.raises(export.Refused) as refused:
+        run_export(service(invoker_iam_disabled=True), target=closed)
+    assert "invokerIamDisabled" in str(refused.value)
