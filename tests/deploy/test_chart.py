@@ -79,7 +79,8 @@ def test_default_values_render_exactly_what_kustomize_renders():
     got = by_key(render())
     assert sorted(got) == sorted(expected)
     for key, obj in expected.items():
-        assert got[key] == obj, f"{key} differs:\n{diff(obj, got[key])}"
+        hint = " (the CRD: run hack/chart-crd)" if key[0] == "CustomResourceDefinition" else ""
+        assert got[key] == obj, f"{key} differs{hint}:\n{diff(obj, got[key])}"
 
 
 def test_the_monitoring_toggles_render_manifests_monitoring():
