@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from controller.gcp.budget import MIN_PER_MINUTE
+from controller.gcp.clients import TRANSPORTS
 
 ENV_GCP_ENDPOINT = "RUNWARDEN_GCP_ENDPOINT"
 ENV_RESYNC_SECONDS = "RUNWARDEN_RESYNC_SECONDS"
@@ -32,7 +33,9 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     all_namespaces: bool = True
     standalone: bool = False
-    gcp_endpoint: str | None = None  # HOST:PORT of an insecure emulator; None = Google (ADC)
+    # An insecure emulator: HOST:PORT (grpc) or http://HOST:PORT (rest); None = Google (ADC).
+    gcp_endpoint: str | None = None
+    gcp_transport: str = "grpc"  # grpc | rest (controller.gcp.clients)
     metrics_port: int | None = None
     liveness: str | None = None
     log_format: str = "json"
@@ -97,13 +100,26 @@ class Settings:
             if value != 0 and value < MIN_PER_MINUTE:
                 parser.error(f"--{name}-per-minute must be 0 (unlimited) or >= {MIN_PER_MINUTE:g}")
             budgets[name] = value or None
+        endpoint = args.gcp_endpoint or environ.get(ENV_GCP_ENDPOINT) or None
+        if endpoint and args.gcp_transport == "rest":
+            if not endpoint.startswith(("http://", "https://")):
+                parser.error(
+                    "--gcp-endpoint must be the emulator's REST URL (http://127.0.0.1:PORT, its "
+                    "--rest-port) with --gcp-transport rest"
+                )
+        elif endpoint and "://" in endpoint:
+            parser.error(
+                "--gcp-endpoint must be HOST:PORT (the emulator's gRPC port) with "
+                "--gcp-transport grpc; for a REST URL add --gcp-transport rest"
+            )
         if threshold < 0 or not window > 0 or args.audit_debounce < 0:
             parser.error("--fight-threshold and --audit-debounce must be >= 0, --fight-window > 0")
         return cls(
             namespaces=tuple(args.namespace or ()),
             all_namespaces=args.all_namespaces or not args.namespace,
             standalone=args.standalone,
-            gcp_endpoint=args.gcp_endpoint or environ.get(ENV_GCP_ENDPOINT) or None,
+            gcp_endpoint=endpoint,
+            gcp_transport=args.gcp_transport,
             metrics_port=args.metrics_port,
             liveness=args.liveness,
             log_format=log_format,
@@ -144,8 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gcp-endpoint",
-        metavar="HOST:PORT",
-        help=f"insecure gRPC endpoint for Cloud Run and IAM (an emulator); env {ENV_GCP_ENDPOINT}",
+        metavar="HOST:PORT|URL",
+        help="an emulator for Cloud Run and IAM, without credentials: HOST:PORT (gRPC), or with "
+        f"--gcp-transport rest its REST URL http://HOST:PORT; env {ENV_GCP_ENDPOINT}",
+    )
+    parser.add_argument(
+        "--gcp-transport",
+        choices=TRANSPORTS,
+        default="grpc",
+        help="how to call Google: grpc (default) or rest (HTTP/1.1 JSON, for networks that "
+        "block HTTP/2 gRPC)",
     )
     parser.add_argument(
         "--metrics-port", type=int, metavar="N", help="serve Prometheus metrics on this port"

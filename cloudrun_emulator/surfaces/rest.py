@@ -9,6 +9,10 @@ Cloud Run Admin API, over the same store as the gRPC face (CONTRACT §6.3).
 - v2 (the google-cloud-run REST transport): `/v2/projects/{p}/locations/{r}/services...` and
   `/v2/projects/{p}/locations/{r}/operations/{id}[:wait]`, JSON as protobuf's JSON mapping (enums
   as numbers when the client asks with `$alt=json;enum-encoding=int`).
+- IAM admin v1 (what Runwarden's `--gcp-transport rest` uses to check that a service account
+  exists): `GET /v1/projects/{p|-}/serviceAccounts/{email}`, as
+  https://cloud.google.com/iam/docs/reference/rest/v1/projects.serviceAccounts/get documents it
+  on `https://iam.googleapis.com`.
 
 gcloud reaches a regional endpoint `https://{region}-run.googleapis.com`; locally it is pointed
 at `http://run.googleapis.com/` through this port as its HTTP proxy (see `gcloud_env.py`), so a
@@ -53,6 +57,7 @@ REGION_HOST_RE = re.compile(r"^(?P<region>[a-z]+(?:-[a-z]+)+\d+)-run\.googleapis
 V1 = "google.cloud.run.v1.Services"
 V2 = "google.cloud.run.v2.Services"
 OPS = "google.longrunning.Operations"
+IAM = "google.iam.admin.v1.IAM"
 
 _KN = r"^/apis/serving\.knative\.dev/v1/namespaces/(?P<ns>[^/]+)"
 _V1P = r"^/v1/projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)"
@@ -375,6 +380,12 @@ class RestApi:
         op = self.store.services.delete(req.name, req.etag, req.validate_only, c.principal, req)
         return _to_json(op, c.ints)
 
+    # ------------------------------------------------------------------ IAM admin v1
+
+    def get_service_account(self, c: Call) -> Any:
+        name = f"projects/{c.params['project']}/serviceAccounts/{c.params['email']}"
+        return _to_json(self.store.accounts.get(name), c.ints)
+
     # ------------------------------------------------------------------ v2 operations
 
     def _op_name(self, c: Call) -> str:
@@ -451,6 +462,12 @@ def _routes(api: RestApi) -> list[tuple[str, re.Pattern[str], Impl, str]]:
             _V2P + r"/operations/(?P<op>[^/:]+)$",
             api.delete_operation,
             f"{OPS}/DeleteOperation",
+        ),
+        (
+            "GET",
+            r"^/v1/projects/(?P<project>[^/]+)/serviceAccounts/(?P<email>[^/:]+)$",
+            api.get_service_account,
+            f"{IAM}/GetServiceAccount",
         ),
     ]
     return [(m, re.compile(p), impl, rpc) for m, p, impl, rpc in table]

@@ -1,20 +1,71 @@
-"""The one place the Google API clients are built: real Google (ADC) or the local emulator."""
+"""The one place the Google API clients are built: real Google (ADC) or the local emulator,
+over gRPC (the default) or REST (``--gcp-transport rest``, for networks that block HTTP/2 gRPC).
+
+Both transports give the gateway the same async face (``RunApi``, ``IamApi``): the same request
+objects, the same replies, google.api_core exceptions typed by their gRPC status, and an
+UpdateService operation whose ``result()`` is awaited.
+
+- gRPC: the generated async clients (``ServicesAsyncClient``, ``IAMAsyncClient``).
+- REST: google-cloud-run has only a synchronous REST client (``ServicesClient(transport="rest")``
+  in 0.16); ``_RestRun`` runs each call in a thread of its own pool and polls the operation
+  without holding a thread. google-cloud-iam's ``iam_admin_v1`` has no REST transport, so the one
+  IAM call (GetServiceAccount) is ``GET https://iam.googleapis.com/v1/{name}``
+  (https://cloud.google.com/iam/docs/reference/rest/v1/projects.serviceAccounts/get) through
+  google-auth's ``AuthorizedSession``, its error through api-core's ``from_http_response``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Awaitable
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, cast
 
+import google.auth
 import grpc
+import requests
+from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
+from google.auth.credentials import AnonymousCredentials, Credentials
+from google.auth.transport.requests import AuthorizedSession
 from google.cloud import iam_admin_v1, run_v2
 from google.cloud.iam_admin_v1.services.iam.transports.grpc_asyncio import IAMGrpcAsyncIOTransport
 from google.cloud.run_v2.services.services.transports.grpc_asyncio import (
     ServicesGrpcAsyncIOTransport,
 )
+from google.longrunning import operations_pb2
+
+T = TypeVar("T")
+
+TRANSPORTS = ("grpc", "rest")
+IAM_REST_ENDPOINT = "https://iam.googleapis.com"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+# Threads for REST calls (each holds one for the duration of one HTTP request; operations are
+# polled without holding one).
+_REST_THREADS = 16
+
+
+# The signatures are the generated clients' (a ``timeout`` per call, hence the ASYNC109 noqa).
+
+
+class RunApi(Protocol):
+    """The Cloud Run v2 calls the gateway makes (``ServicesAsyncClient`` or ``_RestRun``)."""
+
+    async def get_service(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
+
+    async def update_service(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
+
+    async def get_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
+
+    async def set_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
+
+
+class IamApi(Protocol):
+    """The IAM admin v1 call the gateway makes (``IAMAsyncClient`` or ``_RestIam``)."""
+
+    async def get_service_account(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
 
 
 class _Closable(Protocol):
@@ -26,20 +77,22 @@ class _Closable(Protocol):
 
 @dataclass
 class Clients:
-    """Cloud Run and IAM async clients sharing a lifetime.
+    """Cloud Run and IAM clients sharing a lifetime.
 
     Note: in google-cloud-run 0.16 `ServicesAsyncClient.wait_operation` returns raw bytes (its
     stub has no deserializer); wait on a write with `await (await op).result()` instead.
     """
 
-    run: run_v2.ServicesAsyncClient
-    iam: iam_admin_v1.IAMAsyncClient
+    run: RunApi
+    iam: IamApi
     endpoint: str | None = None
+    transport: str = "grpc"
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def close(self) -> None:
-        """Close both clients' channels."""
-        await cast(_Closable, self.run.transport).close()
-        await cast(_Closable, self.iam.transport).close()
+        """Close both clients' channels or sessions."""
+        for close in self.closers:
+            await close()
 
     async def __aenter__(self) -> Clients:
         return self
@@ -53,20 +106,202 @@ def _insecure_channel(host: str, **kwargs: Any) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(host, options=kwargs.get("options"))
 
 
-def make_clients(endpoint: str | None) -> Clients:
-    """Build both async clients; `endpoint` ("HOST:PORT") means an insecure local emulator,
-    None means Google with Application Default Credentials. Call inside a running event loop."""
+def make_clients(endpoint: str | None, transport: str = "grpc") -> Clients:
+    """Build both clients for ``transport`` ("grpc" or "rest"). ``endpoint`` means a local
+    emulator without credentials: "HOST:PORT" for grpc, "http://HOST:PORT" (its REST port) for
+    rest; None means Google with Application Default Credentials. Call inside a running event
+    loop."""
+    if transport == "rest":
+        return _make_rest_clients(endpoint)
+    if transport != "grpc":
+        raise ValueError(f"--gcp-transport must be one of {', '.join(TRANSPORTS)}, not {transport}")
     if not endpoint:
-        return Clients(run=run_v2.ServicesAsyncClient(), iam=iam_admin_v1.IAMAsyncClient())
-    options = ClientOptions(api_endpoint=endpoint)
-    run = run_v2.ServicesAsyncClient(
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        client_options=options,
-        transport=functools.partial(ServicesGrpcAsyncIOTransport, channel=_insecure_channel),
+        run = run_v2.ServicesAsyncClient()
+        iam = iam_admin_v1.IAMAsyncClient()
+    else:
+        options = ClientOptions(api_endpoint=endpoint)
+        run = run_v2.ServicesAsyncClient(
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options=options,
+            transport=functools.partial(ServicesGrpcAsyncIOTransport, channel=_insecure_channel),
+        )
+        iam = iam_admin_v1.IAMAsyncClient(
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options=options,
+            transport=functools.partial(IAMGrpcAsyncIOTransport, channel=_insecure_channel),
+        )
+    closers = [cast(_Closable, run.transport).close, cast(_Closable, iam.transport).close]
+    return Clients(run=run, iam=iam, endpoint=endpoint, transport="grpc", closers=closers)
+
+
+# ---------------------------------------------------------------------- REST
+
+
+def _make_rest_clients(endpoint: str | None) -> Clients:
+    executor = ThreadPoolExecutor(_REST_THREADS, thread_name_prefix="gcp-rest")
+    credentials: Credentials
+    if endpoint:
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(
+                "--gcp-endpoint must be the emulator's REST URL (http://HOST:PORT) with "
+                f"--gcp-transport rest, not {endpoint}"
+            )
+        credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        sync_run = run_v2.ServicesClient(
+            credentials=credentials,
+            client_options=ClientOptions(api_endpoint=endpoint),
+            transport="rest",
+        )
+        iam_base = endpoint.rstrip("/")
+    else:
+        sync_run = run_v2.ServicesClient(transport="rest")
+        credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+        iam_base = IAM_REST_ENDPOINT
+    session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
+    run = _RestRun(sync_run, executor)
+    iam = _RestIam(session, iam_base, executor)
+
+    async def close() -> None:
+        sync_run.transport.close()  # type: ignore[no-untyped-call]
+        session.close()  # type: ignore[no-untyped-call]
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    return Clients(run=run, iam=iam, endpoint=endpoint, transport="rest", closers=[close])
+
+
+def rest_error(exc: gexc.GoogleAPICallError) -> gexc.GoogleAPICallError:
+    """A REST error typed as its gRPC status. api-core types a REST error by its HTTP status
+    alone, so 409 is ``Conflict`` whether the body says ABORTED (an IAM etag conflict, which
+    the gateway retries) or ALREADY_EXISTS, and 400 is ``BadRequest`` for INVALID_ARGUMENT and
+    FAILED_PRECONDITION alike; Google's JSON error carries the gRPC status name in
+    ``error.status`` (https://cloud.google.com/apis/design/errors#http_mapping)."""
+    response = exc.response
+    status = ""
+    if isinstance(response, requests.Response):
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            status = str(body["error"].get("status", ""))
+    code = getattr(grpc.StatusCode, status, None) if status else None
+    if not isinstance(code, grpc.StatusCode) or exc.grpc_status_code == code:
+        return exc
+    retyped: gexc.GoogleAPICallError = gexc.from_grpc_status(  # type: ignore[no-untyped-call]
+        code,
+        exc.message,
+        errors=exc.errors,
+        details=exc.details,
+        response=response,
+        error_info=getattr(exc, "_error_info", None),
     )
-    iam = iam_admin_v1.IAMAsyncClient(
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        client_options=options,
-        transport=functools.partial(IAMGrpcAsyncIOTransport, channel=_insecure_channel),
-    )
-    return Clients(run=run, iam=iam, endpoint=endpoint)
+    return retyped
+
+
+async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+    """``fn()`` in a REST thread; its errors as the gRPC clients raise them."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(executor, fn)
+    except gexc.GoogleAPICallError as exc:
+        retyped = rest_error(exc)
+        if retyped is exc:
+            raise
+        raise retyped from exc
+    except requests.RequestException as exc:
+        # A connection refused or reset: the gRPC clients raise UNAVAILABLE for these.
+        raise gexc.ServiceUnavailable(f"REST call failed: {type(exc).__name__}") from exc  # type: ignore[no-untyped-call]
+
+
+class _RestOperation:
+    """An UpdateService operation of the sync REST client, awaited as the gateway awaits an
+    ``AsyncOperation``: ``await result(timeout)``, ``.operation``, ``.metadata``."""
+
+    def __init__(self, operation: Any, executor: ThreadPoolExecutor) -> None:
+        self._op = operation
+        self._executor = executor
+
+    @property
+    def operation(self) -> operations_pb2.Operation:
+        op: operations_pb2.Operation = self._op.operation
+        return op
+
+    @property
+    def metadata(self) -> Any:
+        return self._op.metadata
+
+    async def result(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """Poll (GetOperation; 0.1 s growing to 2 s apart, as the gateway tunes the gRPC
+        operation) until done; then the result, or the operation's error as a
+        ``GoogleAPICallError`` without a gRPC status, as ``AsyncOperation`` raises it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = 0.1
+        while not await _in_thread(self._executor, lambda: bool(self._op.done(retry=None))):
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"operation did not complete within {timeout} seconds")
+            wait = delay if deadline is None else min(delay, max(deadline - loop.time(), 0))
+            await asyncio.sleep(wait)
+            delay = min(delay * 1.5, 2.0)
+        try:
+            return self._op.result(timeout=0)  # done: returns or raises at once, no call
+        except gexc.GoogleAPICallError as exc:
+            if isinstance(exc.response, operations_pb2.Operation):
+                raise gexc.GoogleAPICallError(  # type: ignore[no-untyped-call]
+                    exc.message, errors=exc.errors, response=exc.response
+                ) from exc
+            raise
+
+
+class _RestRun:
+    """``RunApi`` over the synchronous REST ``ServicesClient``."""
+
+    def __init__(self, client: run_v2.ServicesClient, executor: ThreadPoolExecutor) -> None:
+        self._client = client
+        self._executor = executor
+
+    async def get_service(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+        return await _in_thread(
+            self._executor,
+            lambda: self._client.get_service(request=request, retry=retry, timeout=timeout),
+        )
+
+    async def update_service(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+        operation = await _in_thread(
+            self._executor,
+            lambda: self._client.update_service(request=request, retry=retry, timeout=timeout),
+        )
+        return _RestOperation(operation, self._executor)
+
+    async def get_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+        return await _in_thread(
+            self._executor,
+            lambda: self._client.get_iam_policy(request=request, retry=retry, timeout=timeout),
+        )
+
+    async def set_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+        return await _in_thread(
+            self._executor,
+            lambda: self._client.set_iam_policy(request=request, retry=retry, timeout=timeout),
+        )
+
+
+class _RestIam:
+    """``IamApi`` over IAM admin v1 REST (no generated REST client exists for it)."""
+
+    def __init__(self, session: AuthorizedSession, base: str, executor: ThreadPoolExecutor) -> None:
+        self._session = session
+        self._base = base
+        self._executor = executor
+
+    async def get_service_account(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+        url = f"{self._base}/v1/{request.name}"
+        seconds = timeout if isinstance(timeout, (int, float)) else None
+
+        def call() -> Any:
+            response = self._session.get(url, timeout=seconds)
+            if response.status_code >= 400:
+                raise gexc.from_http_response(response)  # type: ignore[no-untyped-call]
+            return iam_admin_v1.ServiceAccount.from_json(response.text, ignore_unknown_fields=True)
+
+        return await _in_thread(self._executor, call)

@@ -79,8 +79,17 @@ class Invalid(GatewayError):
 
 
 def retry_delay(exc: gexc.GoogleAPICallError) -> float:
-    """The delay Google's RetryInfo asks for (0 without one)."""
+    """The delay Google's RetryInfo asks for (0 without one). Over gRPC a detail is the
+    message; over REST api-core keeps it as JSON (``{"@type": ".../google.rpc.RetryInfo",
+    "retryDelay": "5s"}``, the Duration's JSON form)."""
     for detail in exc.details or ():
+        if isinstance(detail, dict):
+            if str(detail.get("@type", "")).endswith("/google.rpc.RetryInfo"):
+                try:
+                    return float(str(detail.get("retryDelay", "0s")).removesuffix("s"))
+                except ValueError:
+                    return 0.0
+            continue
         delay = getattr(detail, "retry_delay", None)  # google.rpc.RetryInfo
         if delay is not None:
             return float(delay.seconds + delay.nanos / 1e9)

@@ -28,6 +28,7 @@ from controller.domain.model import (
 )
 from controller.gcp import convert
 from controller.gcp.budget import Pacer
+from controller.gcp.clients import IamApi, RunApi
 from controller.gcp.errors import (
     Conflict,
     NotFound,
@@ -74,13 +75,13 @@ IAM_CONFLICT_RETRY = retry_async.AsyncRetry(
 
 
 class Clients(Protocol):
-    """What controller.gcp.clients.make_clients() returns."""
+    """What controller.gcp.clients.make_clients() returns (either transport)."""
 
     @property
-    def run(self) -> run_v2.ServicesAsyncClient: ...
+    def run(self) -> RunApi: ...
 
     @property
-    def iam(self) -> iam_admin_v1.IAMAsyncClient: ...
+    def iam(self) -> IamApi: ...
 
 
 class Gateway:
@@ -218,9 +219,7 @@ class Gateway:
             )
             _tune_polling(operation)
             try:
-                result = await operation.result(  # type: ignore[no-untyped-call]
-                    timeout=self._rollout_timeout
-                )
+                result = await operation.result(timeout=self._rollout_timeout)
             except gexc.GoogleAPICallError as exc:
                 if exc.grpc_status_code is not None:
                     raise  # the polling itself failed: translated below

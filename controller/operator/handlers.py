@@ -90,7 +90,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # (posting.enabled=False would also silence kopf.event(), which posts ours.)
     settings.posting.level = logging.CRITICAL
     settings.posting.reporting_component = "runwarden"  # the "From" of our Events
-    clients = make_clients(config.gcp_endpoint)
+    clients = make_clients(config.gcp_endpoint, config.gcp_transport)
     memo.clients = clients
     memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
     memo.gateway = Gateway(clients, pacer=memo.pacer)
@@ -110,6 +110,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     log.info(
         "started",
         gcp="emulator" if config.gcp_endpoint else "google",
+        gcp_transport=config.gcp_transport,
         namespaces=list(config.namespaces) or "*",
         resync_override=config.resync_override,
         reads_per_minute=config.reads_per_minute,
