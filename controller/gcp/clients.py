@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -56,6 +56,8 @@ class RunApi(Protocol):
     async def get_service(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
 
     async def update_service(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
+
+    async def list_services(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
 
     async def get_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
 
@@ -253,6 +255,17 @@ class _RestOperation:
             raise
 
 
+class _OnePage:
+    """A fetched page behind an async pager's ``pages``."""
+
+    def __init__(self, page: Any) -> None:
+        self._page = page
+
+    @property
+    async def pages(self) -> AsyncIterator[Any]:
+        yield self._page
+
+
 class _RestRun:
     """``RunApi`` over the synchronous REST ``ServicesClient``."""
 
@@ -272,6 +285,15 @@ class _RestRun:
             lambda: self._client.update_service(request=request, retry=retry, timeout=timeout),
         )
         return _RestOperation(operation, self._executor)
+
+    async def list_services(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+        """One page, as an async pager's ``pages`` yields it (the page is the response)."""
+
+        def first_page() -> Any:
+            pager = self._client.list_services(request=request, retry=retry, timeout=timeout)
+            return next(iter(pager.pages))
+
+        return _OnePage(await _in_thread(self._executor, first_page))
 
     async def get_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
         return await _in_thread(
