@@ -89,9 +89,12 @@ async def check(
 
     # Leave out only what both the live status and our unseen patches already hold: the watch
     # may lag behind a patch of ours that changed a key back from the value it still shows.
+    now = datetime.now(UTC)
     status_patch = status.build_patch(
-        history, update, generation, datetime.now(UTC), current=(live_status, history)
+        history, update, generation, now, current=(live_status, history)
     )
+    # Steady state: nothing but lastSyncTime moved; refresh that once per heartbeat only.
+    status_patch = status.economize(status_patch, history, now, config.status_heartbeat)
     loop.written.update(status_patch)
     if update.wrote.generation is not None or update.wrote.iam_etag is not None:
         loop.last_write = update.wrote

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ ENV_FIGHT_THRESHOLD = "RUNWARDEN_FIGHT_THRESHOLD"
 ENV_FIGHT_WINDOW = "RUNWARDEN_FIGHT_WINDOW_SECONDS"
 ENV_READS_PER_MINUTE = "RUNWARDEN_READS_PER_MINUTE"
 ENV_WRITES_PER_MINUTE = "RUNWARDEN_WRITES_PER_MINUTE"
+ENV_STATUS_HEARTBEAT = "RUNWARDEN_STATUS_HEARTBEAT"
+ENV_SELECTOR = "RUNWARDEN_SELECTOR"
+ENV_POD_NAME = "POD_NAME"
+DEFAULT_STATUS_HEARTBEAT = 300.0
+DEFAULT_LEASE_NAMESPACE = "runwarden-system"
+LEASE_NAME = "runwarden"
 # Per-region Cloud Run Admin API budgets: conservative, below Google's default per-region quotas,
 # leaving room for other clients of the same quota (deploys, gcloud, consoles).
 DEFAULT_READS_PER_MINUTE = 600
@@ -49,6 +56,17 @@ class Settings:
     # Cloud Run Admin API calls per minute per region; None = unlimited (controller.gcp.budget).
     reads_per_minute: float | None = DEFAULT_READS_PER_MINUTE
     writes_per_minute: float | None = DEFAULT_WRITES_PER_MINUTE
+    # A check that changes nothing refreshes status.lastSyncTime at most this often (seconds);
+    # 0 = every check (the pre-heartbeat behaviour).
+    status_heartbeat: float = DEFAULT_STATUS_HEARTBEAT
+    # Leader election on a coordination.k8s.io/v1 Lease (controller.kube.lease).
+    leader_election: bool = False
+    leader_election_namespace: str = DEFAULT_LEASE_NAMESPACE
+    leader_election_identity: str = ""
+    leader_election_name: str = LEASE_NAME
+    lease_seconds: float = 10.0
+    # A label selector (kubectl syntax): serve only the Orchestrators it matches ("" = all).
+    selector: str = ""
 
     @classmethod
     def from_cli(
@@ -112,6 +130,29 @@ class Settings:
                 "--gcp-endpoint must be HOST:PORT (the emulator's gRPC port) with "
                 "--gcp-transport grpc; for a REST URL add --gcp-transport rest"
             )
+        heartbeat = args.status_heartbeat
+        if heartbeat is None:
+            raw = environ.get(ENV_STATUS_HEARTBEAT, "").strip()
+            try:
+                heartbeat = float(raw) if raw else DEFAULT_STATUS_HEARTBEAT
+            except ValueError:
+                parser.error(f"{ENV_STATUS_HEARTBEAT} must be a number of seconds")
+        if heartbeat < 0:
+            parser.error("--status-heartbeat must be >= 0 seconds (0 = refresh on every check)")
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", args.leader_election_name):
+            parser.error("--leader-election-name must be a DNS subdomain name, e.g. runwarden")
+        if not 2 <= args.leader_election_lease_seconds <= 300:
+            parser.error("--leader-election-lease-seconds must be between 2 and 300")
+        identity = (
+            args.leader_election_identity
+            or environ.get(ENV_POD_NAME, "").strip()
+            or f"{socket.gethostname()}-{os.getpid()}"
+        )
+        selector = args.selector if args.selector is not None else environ.get(ENV_SELECTOR, "")
+        try:
+            parse_selector(selector)
+        except ValueError as exc:
+            parser.error(f"--selector: {exc}")
         if threshold < 0 or not window > 0 or args.audit_debounce < 0:
             parser.error("--fight-threshold and --audit-debounce must be >= 0, --fight-window > 0")
         return cls(
@@ -131,6 +172,13 @@ class Settings:
             fight_window=window,
             reads_per_minute=budgets["reads"],
             writes_per_minute=budgets["writes"],
+            status_heartbeat=heartbeat,
+            leader_election=args.leader_election,
+            leader_election_namespace=args.leader_election_namespace,
+            leader_election_identity=identity,
+            leader_election_name=args.leader_election_name,
+            lease_seconds=args.leader_election_lease_seconds,
+            selector=selector.strip(),
         )
 
 
@@ -181,6 +229,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=LOG_FORMATS,
         help="json (default when not on a terminal) or console (default on a terminal)",
+    )
+    parser.add_argument(
+        "--status-heartbeat",
+        type=float,
+        metavar="SECONDS",
+        help="a check that changes nothing writes no status; status.lastSyncTime is refreshed "
+        f"at most this often (default {DEFAULT_STATUS_HEARTBEAT:g}; 0 = every check); env "
+        f"{ENV_STATUS_HEARTBEAT}",
+    )
+    parser.add_argument(
+        "--selector",
+        "-l",
+        metavar="LABEL_SELECTOR",
+        help="serve only Orchestrators whose labels match (kubectl syntax: a=b,c!=d,e in (f,g),"
+        f"h,!i); for shards; env {ENV_SELECTOR}",
+    )
+    election = parser.add_argument_group(
+        "leader election (several replicas; only the holder of the Lease reconciles)"
+    )
+    election.add_argument(
+        "--leader-election",
+        action="store_true",
+        help=f"hold the coordination.k8s.io/v1 Lease {LEASE_NAME!r} before reconciling, and "
+        "check it is still held before every Google write",
+    )
+    election.add_argument(
+        "--leader-election-namespace",
+        default=DEFAULT_LEASE_NAMESPACE,
+        metavar="NS",
+        help=f"the Lease's namespace (default {DEFAULT_LEASE_NAMESPACE})",
+    )
+    election.add_argument(
+        "--leader-election-name",
+        default=LEASE_NAME,
+        metavar="NAME",
+        help=f"the Lease's name (default {LEASE_NAME}; one per shard, see manifests/shards/)",
+    )
+    election.add_argument(
+        "--leader-election-identity",
+        metavar="ID",
+        help=f"this replica's holder identity (default: env {ENV_POD_NAME}, else <hostname>-<pid>)",
+    )
+    election.add_argument(
+        "--leader-election-lease-seconds",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="lease duration (default 10): a standby takes over this long after the holder's "
+        "last renewal; the holder renews every duration/5 and stops writing when it cannot "
+        "renew within it",
     )
     budget = parser.add_argument_group(
         "Cloud Run Admin API budgets (per region; checks slow down to stay within them)"
@@ -233,3 +331,68 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the fight detection window (default 600); env {ENV_FIGHT_WINDOW}",
     )
     return parser
+
+
+# ---------------------------------------------------------------------- label selectors
+
+Requirement = tuple[str, str, frozenset[str]]  # (key, operator, values)
+_KEY = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_VALUE = r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
+_SET_RE = re.compile(rf"^\s*({_KEY})\s+(in|notin)\s+\(([^)]*)\)\s*$")
+_CMP_RE = re.compile(rf"^\s*({_KEY})\s*(==|!=|=)\s*({_VALUE})\s*$")
+_EXISTS_RE = re.compile(rf"^\s*(!?)\s*({_KEY})\s*$")
+
+
+def parse_selector(selector: str) -> tuple[Requirement, ...]:
+    """A Kubernetes label selector (the syntax of ``kubectl get -l``) as requirements.
+
+    Raises ValueError naming the part that does not parse.
+    """
+    parts: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(selector):  # split on commas outside "in (a,b)"
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(selector[start:i])
+            start = i + 1
+    parts.append(selector[start:])
+    out: list[Requirement] = []
+    for part in parts:
+        if not part.strip():
+            if len(parts) > 1:
+                raise ValueError(f"empty requirement in {selector!r}")
+            continue
+        if m := _SET_RE.match(part):
+            values = frozenset(v.strip() for v in m.group(3).split(",") if v.strip())
+            if not values or not all(re.fullmatch(_VALUE, v) for v in values):
+                raise ValueError(f"{part.strip()!r}: give label values as in (a,b)")
+            out.append((m.group(1), m.group(2), values))
+        elif m := _CMP_RE.match(part):
+            op = "!=" if m.group(2) == "!=" else "="
+            out.append((m.group(1), op, frozenset({m.group(3)})))
+        elif m := _EXISTS_RE.match(part):
+            out.append((m.group(2), "!" if m.group(1) else "exists", frozenset()))
+        else:
+            raise ValueError(
+                f"{part.strip()!r} is not a label requirement (key=value, key!=value, "
+                "key in (a,b), key notin (a,b), key, !key)"
+            )
+    return tuple(out)
+
+
+def selector_matches(requirements: Sequence[Requirement], labels: Mapping[str, str]) -> bool:
+    """Whether labels satisfy every requirement (Kubernetes semantics: != and notin match a
+    missing key)."""
+    for key, op, values in requirements:
+        value = labels.get(key)
+        if op == "exists":
+            ok = value is not None
+        elif op == "!":
+            ok = value is None
+        elif op in ("=", "in"):
+            ok = value is not None and value in values
+        else:  # "!=", "notin"
+            ok = value is None or value not in values
+        if not ok:
+            return False
+    return True

@@ -137,6 +137,34 @@ def build_patch(
     return {k: v for k, v in want.items() if any(view.get(k) != v for view in views)}
 
 
+def economize(
+    patch: dict[str, Any], history: Mapping[str, Any] | None, now: datetime, heartbeat: float
+) -> dict[str, Any]:
+    """The patch to write given the status heartbeat: {} when the only key that would move is
+    lastSyncTime and the recorded one is younger than ``heartbeat`` seconds.
+
+    A check that changes nothing then costs the apiserver (and etcd, and every watcher) nothing;
+    anything else that moves is written at once, lastSyncTime with it. ``history`` is the
+    status as last written (the live one overlaid with this process's unseen patches).
+    """
+    if heartbeat <= 0 or set(patch) != {"lastSyncTime"}:
+        return patch
+    last = _parse_time((history or {}).get("lastSyncTime"))
+    if last is not None and 0 <= (now - last).total_seconds() < heartbeat:
+        return {}
+    return patch
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC)
+
+
 def _condition(
     c: Condition, previous: Mapping[str, Any] | None, generation: int, stamp: str
 ) -> dict[str, Any]:

@@ -85,6 +85,8 @@ def start_controller(
         emulator: EmulatorProcess, *, resync: float | None = 2, metrics: bool = False, **kw: Any
     ) -> ControllerProcess:
         port = free_port() if metrics else None
+        # These tests read lastSyncTime as "a check completed since": refresh it every check.
+        kw.setdefault("status_heartbeat", 0)
         proc = ControllerProcess(
             kubeconfig=kubeconfig,
             gcp_endpoint=emulator.grpc_endpoint,

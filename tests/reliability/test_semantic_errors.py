@@ -97,6 +97,7 @@ def observed(
         namespaces=[ns],
         log_path=tmp / "controller.log",
         resync_seconds=RESYNC,
+        status_heartbeat=0,
     )
     canary.watch_log(controller.log_path)
     try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 
 from controller.obs import logs
-from controller.settings import Settings
+from controller.settings import Settings, parse_selector, selector_matches
 
 
 def test_cli_flags() -> None:
@@ -55,6 +56,58 @@ def test_environment_fallbacks() -> None:
 def test_bad_flags_exit_with_usage(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         Settings.from_cli(argv, {})
+
+
+def test_heartbeat_leader_election_and_selector_flags() -> None:
+    default = Settings.from_cli([], {"POD_NAME": "runwarden-abc"})
+    assert default.status_heartbeat == 300 and not default.leader_election
+    assert default.leader_election_namespace == "runwarden-system"
+    assert default.leader_election_identity == "runwarden-abc"
+    assert default.selector == ""
+    s = Settings.from_cli(
+        ["--leader-election", "--leader-election-identity", "r1", "-l", "shard in (a,b)"],
+        {"RUNWARDEN_STATUS_HEARTBEAT": "0", "POD_NAME": "ignored"},
+    )
+    assert s.leader_election and s.leader_election_identity == "r1"
+    assert s.status_heartbeat == 0 and s.selector == "shard in (a,b)"
+    assert Settings.from_cli(["--status-heartbeat", "60"], {}).status_heartbeat == 60
+    no_pod = Settings.from_cli([], {}).leader_election_identity
+    assert no_pod.endswith(f"-{os.getpid()}") and no_pod != f"-{os.getpid()}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--status-heartbeat", "-1"],
+        ["--selector", "shard in ()"],
+        ["--selector", "a b"],
+        ["--leader-election-lease-seconds", "1"],
+    ],
+)
+def test_bad_new_flags_exit_with_usage(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_cli(argv, {})
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "matches"),
+    [
+        ("", {}, True),
+        ("shard=a", {"shard": "a"}, True),
+        ("shard==a", {"shard": "b"}, False),
+        ("shard=a", {}, False),
+        ("shard!=a", {}, True),  # Kubernetes: != matches a missing key
+        ("shard!=a", {"shard": "a"}, False),
+        ("shard in (a, b),tier", {"shard": "b", "tier": "x"}, True),
+        ("shard in (a,b),tier", {"shard": "b"}, False),
+        ("shard notin (a,b)", {"shard": "c"}, True),
+        ("shard notin (a,b)", {}, True),
+        ("!legacy", {"legacy": ""}, False),
+        ("runwarden.dev/shard=s-1", {"runwarden.dev/shard": "s-1"}, True),
+    ],
+)
+def test_label_selectors(selector: str, labels: dict[str, str], matches: bool) -> None:
+    assert selector_matches(parse_selector(selector), labels) is matches
 
 
 def test_bad_resync_env_exits() -> None:

@@ -14,7 +14,13 @@ from controller.domain.model import (
     StatusUpdate,
 )
 from controller.domain.outcome import CONDITION_TYPES, failed
-from controller.kube.status_patch import build_patch, managed_of, prior_of, timestamp
+from controller.kube.status_patch import (
+    build_patch,
+    economize,
+    managed_of,
+    prior_of,
+    timestamp,
+)
 
 T0 = datetime(2026, 11, 28, 18, 0, 0, tzinfo=UTC)
 T1 = T0 + timedelta(seconds=60)
@@ -180,3 +186,43 @@ def test_status_from_before_synced_generation_still_counts_conditions() -> None:
     assert prior_of({"drift": {"syncedGeneration": {"env": "2", "invokers": True}}}, 2).synced == (
         frozenset()
     )
+
+
+# ---------------------------------------------------------------------- status heartbeat
+
+
+def test_heartbeat_drops_a_patch_of_only_last_sync_time() -> None:
+    first = build_patch({}, synced(), 3, T0)
+    steady = build_patch(first, synced(), 3, T1)
+    assert economize(steady, first, T1, heartbeat=300) == {}
+    # Once the recorded lastSyncTime is a heartbeat old, it is refreshed.
+    later = T0 + timedelta(seconds=300)
+    assert economize(build_patch(first, synced(), 3, later), first, later, heartbeat=300) == {
+        "lastSyncTime": "2026-11-28T18:05:00Z"
+    }
+
+
+def test_heartbeat_never_holds_back_a_change() -> None:
+    first = build_patch({}, synced(), 3, T0)
+    drifted = synced(
+        ready=Condition("Ready", True, Reason.DRIFT_REPAIRED, "repaired"),
+        drift=DriftReport(
+            detected=("env A missing",), repaired=True, aspects=frozenset({Aspect.ENV})
+        ),
+    )
+    for update, generation in ((drifted, 3), (synced(), 4)):
+        patch = build_patch(first, update, generation, T1)
+        kept = economize(patch, first, T1, heartbeat=300)
+        assert kept == patch
+        assert kept["lastSyncTime"] == "2026-11-28T18:01:00Z"  # written with the change
+
+
+def test_heartbeat_zero_or_no_recorded_time_writes_every_check() -> None:
+    first = build_patch({}, synced(), 3, T0)
+    steady = build_patch(first, synced(), 3, T1)
+    assert economize(steady, first, T1, heartbeat=0) == steady
+    for history in ({}, {"lastSyncTime": "garbage"}, {"lastSyncTime": 12}):
+        assert economize(steady, history, T1, heartbeat=300) == steady
+    # A recorded time in the future (a skewed clock) is refreshed rather than trusted.
+    future = {"lastSyncTime": "2027-01-01T00:00:00Z"}
+    assert economize(steady, future, T1, heartbeat=300) == steady
