@@ -27,7 +27,7 @@ LABEL org.opencontainers.image.title="runwarden" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
 # Read-only root filesystem: never write bytecode or caches next to the code; HOME points at
-# /tmp, the one writable mount (an emptyDir in manifests/deployment.yaml).
+# /tmp, the one writable mount (an emptyDir in manifests/controller/deployment.yaml).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -43,4 +43,4 @@ USER 65532:65532
 WORKDIR /
 EXPOSE 8080 9090
 ENTRYPOINT ["python", "-m", "controller"]
-CMD ["--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090", "--log-format=json"]
+CMD ["--all-namespaces", "--standalone", "--leader-election", "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090", "--log-format=json"]

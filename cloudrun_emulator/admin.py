@@ -170,6 +170,11 @@ class AdminClient:
         """gRPC calls received per full method name, since start or the last reset."""
         return self._call("GET", "/admin/calls")  # type: ignore[no-any-return]
 
+    def calls_by_principal(self) -> dict[str, dict[str, int]]:
+        """gRPC calls per caller (x-emulator-principal, else runwarden@example.com), then per
+        full method name, since start or the last reset."""
+        return self._call("GET", "/admin/calls?by=principal")  # type: ignore[no-any-return]
+
     def reset_calls(self) -> None:
         self._call("DELETE", "/admin/calls")
 

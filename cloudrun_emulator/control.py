@@ -198,6 +198,9 @@ class Controls:
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
         self.calls: dict[str, int] = {}
+        # The same per x-emulator-principal (the gRPC caller's identity), then method: which
+        # replica of a controller sent what.
+        self.calls_by_principal: dict[str, dict[str, int]] = {}
         self.faults = Faults()
         self.quota = Quota()
 

@@ -128,10 +128,13 @@ class Admin:
         return await self.get_faults(request)
 
     async def get_calls(self, request: web.Request) -> web.Response:
+        if request.query.get("by") == "principal":
+            return _json({p: dict(m) for p, m in self.controls.calls_by_principal.items()})
         return _json(dict(self.controls.calls))
 
     async def delete_calls(self, request: web.Request) -> web.Response:
         self.controls.calls.clear()
+        self.controls.calls_by_principal.clear()
         return _json({})
 
     async def put_quota(self, request: web.Request) -> web.Response:

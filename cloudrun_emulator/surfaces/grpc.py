@@ -179,9 +179,12 @@ def _wrap(
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     """Count the call, apply faults and quota, translate ApiError into a gRPC status."""
     calls = controls.calls
+    by_principal = controls.calls_by_principal
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         calls[full_name] = calls.get(full_name, 0) + 1
+        mine = by_principal.setdefault(_principal(context), {})
+        mine[full_name] = mine.get(full_name, 0) + 1
         try:
             if request is MALFORMED:
                 raise ApiError(

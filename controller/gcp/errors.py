@@ -53,6 +53,12 @@ class Unavailable(GatewayError):
     reason = Reason.UNAVAILABLE
 
 
+class NotLeader(GatewayError):
+    """A write held back: this replica no longer holds a valid leader Lease (fencing)."""
+
+    reason = Reason.UNAVAILABLE
+
+
 class Conflict(GatewayError):
     reason = Reason.CONFLICT
 

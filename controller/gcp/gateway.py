@@ -32,6 +32,7 @@ from controller.gcp.clients import IamApi, RunApi
 from controller.gcp.errors import (
     Conflict,
     NotFound,
+    NotLeader,
     RevisionFailed,
     code_name,
     code_of,
@@ -95,8 +96,15 @@ class Gateway:
         rollout_timeout: float = 600.0,
         sa_cache_seconds: float = 600.0,
         pacer: Pacer | None = None,
+        fence: Callable[[], float] | None = None,
+        write_metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._run = clients.run
+        # Leader election: seconds this replica may still write (controller.kube.lease), asked
+        # right before every write is sent; None = no election, always allowed.
+        self._fence = fence
+        # Request metadata for writes (the emulator's x-emulator-principal; see make_gateway).
+        self._write_metadata = write_metadata
         # Per-region read/write budgets; every Cloud Run call waits for its token.
         self._pacer = pacer if pacer is not None else Pacer()
         self._iam = clients.iam
@@ -212,7 +220,10 @@ class Gateway:
             operation = await self._call(
                 "UpdateService",
                 lambda: self._run.update_service(
-                    request=request, retry=None, timeout=self._timeout
+                    request=request,
+                    retry=None,
+                    timeout=self._timeout,
+                    metadata=self._write_metadata,
                 ),
                 region=observed.ref.region,
                 write=True,
@@ -268,7 +279,10 @@ class Gateway:
             result = await self._call(
                 "SetIamPolicy",
                 lambda: self._run.set_iam_policy(
-                    request=request, retry=None, timeout=self._timeout
+                    request=request,
+                    retry=None,
+                    timeout=self._timeout,
+                    metadata=self._write_metadata,
                 ),
                 region=ref.region,
                 write=True,
@@ -347,6 +361,13 @@ class Gateway:
         """
         if region is not None and not paced:
             await self._pacer.take(region, write)
+        if write and self._fence is not None and self._fence() <= 0:
+            # Nothing may be awaited between this check and sending: the budget wait is above.
+            raise NotLeader(
+                f"{method} held back: this replica no longer holds the leader Lease (another "
+                "replica may be writing); it stops reconciling until it holds the Lease again",
+                "NOT_LEADER",
+            )
         try:
             result = await fn()
         except gexc.GoogleAPICallError as exc:

@@ -99,7 +99,7 @@ async def wait_until_served(
             message=f"waiting for CRD {resource.crd} to be established and served "
             f"(apply crds/{resource.crd}.yaml); Orchestrators are served from then on",
         )
-        async with _alive(liveness, resource):
+        async with alive(liveness, {"waiting_for_crd": resource.crd}):
             reminded = time.monotonic()
             while True:
                 try:
@@ -168,9 +168,10 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _alive(endpoint: str | None, resource: ApiResource) -> AsyncIterator[None]:
-    """Answer the liveness endpoint (``--liveness``, as kopf parses it) while waiting; kopf's own
-    probe takes the same endpoint over when it starts."""
+async def alive(endpoint: str | None, payload: dict[str, Any]) -> AsyncIterator[None]:
+    """Answer the liveness endpoint (``--liveness``, as kopf parses it) with ``payload`` while
+    waiting (for the CRD, or as a leader election standby); kopf's own probe takes the same
+    endpoint over when it starts."""
     if not endpoint:
         yield
         return
@@ -180,7 +181,7 @@ async def _alive(endpoint: str | None, resource: ApiResource) -> AsyncIterator[N
         return
 
     async def healthy(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        return aiohttp.web.json_response({"waiting_for_crd": resource.crd})
+        return aiohttp.web.json_response(payload)
 
     app = aiohttp.web.Application()
     app.add_routes([aiohttp.web.get(parts.path or "/", healthy)])

@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import signal
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,31 +46,103 @@ from controller.gcp.clients import Clients, make_clients
 from controller.gcp.errors import GatewayError
 from controller.gcp.gateway import Gateway
 from controller.kube import crd_gate, status_patch, status_writer
+from controller.kube.lease import Lease
 from controller.obs import metrics
 from controller.operator.login import connect, login
 from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
 from controller.schedule.backoff import next_delay
 from controller.schedule.drift_loop import REGISTRY, DriftLoop
-from controller.settings import Settings
+from controller.settings import Requirement, Settings, parse_selector, selector_matches
 
 __all__ = ["cleanup", "deleted", "drift_loop", "login", "run", "spec_changed", "startup"]
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
 FINALIZER = "runwarden.dev/finalizer"
+# The emulator attributes a gRPC write to this request metadata (CONTRACT §3).
+PRINCIPAL_METADATA = "x-emulator-principal"
+LEASE_LOST_EXIT = 3  # the exit code after losing the leader Lease
+SELECTOR: tuple[Requirement, ...] = ()  # --selector, parsed (set by run)
 
 
 def run(settings: Settings) -> None:
-    """Run the operator until SIGTERM/SIGINT, from when the apiserver serves Orchestrators."""
+    """Run the operator until SIGTERM/SIGINT, from when the apiserver serves Orchestrators (and,
+    with --leader-election, from when this replica holds the Lease). Exits non-zero when the
+    Lease is lost: the pod restarts as a standby (client-go's leader election does the same)."""
+    global SELECTOR
+    SELECTOR = parse_selector(settings.selector)
+    code = asyncio.run(_serve(settings))
+    if code:
+        sys.exit(code)
+
+
+async def _serve(settings: Settings) -> int:
     resource = crd_gate.ApiResource(GROUP, VERSION, PLURAL)
-    if not asyncio.run(crd_gate.wait_until_served(resource, connect, liveness=settings.liveness)):
-        return  # stopped while waiting for the CRD
-    kopf.run(
-        standalone=settings.standalone,
-        namespaces=list(settings.namespaces),
-        clusterwide=settings.all_namespaces and not settings.namespaces,
-        liveness_endpoint=settings.liveness,
-        memo=kopf.Memo(config=settings),
-    )
+    if not await crd_gate.wait_until_served(resource, connect, liveness=settings.liveness):
+        return 0  # stopped while waiting for the CRD
+    lease: Lease | None = None
+    if settings.leader_election:
+        lease = Lease(
+            connect,
+            settings.leader_election_namespace,
+            settings.leader_election_name,
+            settings.leader_election_identity,
+            duration=settings.lease_seconds,
+        )
+        if not await _stand_by(lease, settings.liveness):
+            await lease.close()
+            return 0  # stopped while standing by
+    stop = asyncio.Event()
+    lost = asyncio.Event()
+    keeper: asyncio.Task[None] | None = None
+    if lease is not None:
+
+        async def keep(held: Lease) -> None:
+            await held.keep()
+            lost.set()
+            stop.set()  # kopf stops its daemons; the gateway's fence already refuses writes
+
+        keeper = asyncio.create_task(keep(lease))
+    try:
+        await kopf.operator(
+            standalone=settings.standalone,
+            namespaces=list(settings.namespaces),
+            clusterwide=settings.all_namespaces and not settings.namespaces,
+            liveness_endpoint=settings.liveness,
+            memo=kopf.Memo(config=settings, lease=lease),
+            stop_flag=stop,
+        )
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+        if lease is not None:
+            if not lost.is_set():
+                await lease.release()  # a clean stop: the standby takes over at once
+            await lease.close()
+    if lost.is_set():
+        log.error("exiting", reason="leader Lease lost", message="restart to stand by again")
+        return LEASE_LOST_EXIT
+    return 0
+
+
+async def _stand_by(lease: Lease, liveness: str | None) -> bool:
+    """Wait until this replica holds the Lease (True), alive meanwhile, or a stop signal
+    (False)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with crd_gate.alive(liveness, {"standby": lease.identity}):
+            return await lease.acquire(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _selected(labels: Mapping[str, str], **_: Any) -> bool:
+    """--selector: whether this process serves an Orchestrator with these labels (kopf stops
+    the object's daemon when it stops matching)."""
+    return not SELECTOR or selector_matches(SELECTOR, labels)
 
 
 # ---------------------------------------------------------------------- operator lifecycle
@@ -93,7 +167,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     clients = make_clients(config.gcp_endpoint, config.gcp_transport)
     memo.clients = clients
     memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
-    memo.gateway = Gateway(clients, pacer=memo.pacer)
+    lease: Lease | None = memo.get("lease")
+    # With the emulator, name our identity on writes as its audit entries will show it.
+    principal = config.own_principal if config.gcp_endpoint else None
+    memo.gateway = Gateway(
+        clients,
+        pacer=memo.pacer,
+        fence=lease.remaining if lease is not None else None,
+        write_metadata=((PRINCIPAL_METADATA, principal),) if principal else (),
+    )
     memo.status_writer = status_writer.StatusWriter(connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
@@ -117,6 +199,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         writes_per_minute=config.writes_per_minute,
         metrics_port=config.metrics_port,
         audit_subscription=config.audit_subscription,
+        status_heartbeat=config.status_heartbeat,
+        selector=config.selector or None,
+        leader=lease.identity if lease is not None else None,
     )
 
 
@@ -137,9 +222,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 # ---------------------------------------------------------------------- spec changes
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL, when=_selected)
+@kopf.on.resume(GROUP, VERSION, PLURAL, when=_selected)
+@kopf.on.update(GROUP, VERSION, PLURAL, when=_selected)
 async def spec_changed(
     body: kopf.Body, namespace: str | None, name: str, reason: str, **_: Any
 ) -> None:
@@ -154,7 +239,7 @@ async def spec_changed(
 # ---------------------------------------------------------------------- the drift loop
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="drift-loop")
+@kopf.daemon(GROUP, VERSION, PLURAL, id="drift-loop", when=_selected)
 async def drift_loop(
     body: kopf.Body,
     namespace: str | None,
@@ -166,6 +251,7 @@ async def drift_loop(
     """Check one Orchestrator whenever it is woken or due, until it is deleted or the operator
     stops (see the module docstring)."""
     loop = REGISTRY.loop(namespace or "", name)
+    lease: Lease | None = memo.get("lease")
     loop.stopping = False  # a new daemon for this object (e.g. after the operator paused)
     # One task for the daemon's life turns kopf's stop flag into the loop's stop.
     stopping = asyncio.ensure_future(_stopped(stopped))
@@ -175,9 +261,14 @@ async def drift_loop(
             async with loop.lock:
                 if loop.stopping or body.metadata.get("deletionTimestamp"):
                     return
+                if lease is not None and not lease.held:
+                    # Fenced: no valid Lease (the operator is stopping). Neither Google nor the
+                    # status may be written; look again shortly.
+                    loop.schedule(lease.retry, None)
+                    continue
                 try:
                     patch = await check(loop, body, memo, reasons, _poster(body))
-                    if patch:
+                    if patch and (lease is None or lease.held):
                         await _write_status(loop, memo.status_writer, patch)
                 except Exception as exc:  # a bug must not end the loop: retry with backoff
                     log.exception("loop_crashed", k8s_ref=ref_of(loop))
@@ -218,7 +309,7 @@ async def _write_status(
 # ---------------------------------------------------------------------- deletion
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_selected)
 async def deleted(
     body: kopf.Body,
     namespace: str | None,

@@ -159,7 +159,7 @@ def test_read_only_root_friendly(dockerfile):
         "no .pyc writes next to the code at run time"
     )
     assert re.search(r"HOME=/tmp\b", env), "HOME on the one writable mount"
-    deployment = yaml.safe_load((REPO / "manifests" / "deployment.yaml").read_text())
+    deployment = yaml.safe_load((REPO / "manifests" / "controller" / "deployment.yaml").read_text())
     mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert any(m["mountPath"] == "/tmp" for m in mounts), "the Deployment mounts /tmp writable"
 
@@ -177,7 +177,7 @@ def test_default_cmd_is_what_the_deployment_runs(dockerfile):
     """`docker run IMAGE` without arguments behaves like the Deployment."""
     _, stages = dockerfile
     [cmd] = stages[-1].all("CMD")
-    deployment = yaml.safe_load((REPO / "manifests" / "deployment.yaml").read_text())
+    deployment = yaml.safe_load((REPO / "manifests" / "controller" / "deployment.yaml").read_text())
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert yaml.safe_load(cmd.args) == args
 
@@ -321,7 +321,7 @@ def test_wheel_installs_in_a_clean_venv_and_runs_the_entrypoint(dockerfile, tmp_
 
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     help_ = _run([str(python), "-m", "controller", "--help"], env=env, cwd=tmp_path)
-    deployment = yaml.safe_load((REPO / "manifests" / "deployment.yaml").read_text())
+    deployment = yaml.safe_load((REPO / "manifests" / "controller" / "deployment.yaml").read_text())
     flags = {
         a.split("=")[0] for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     }

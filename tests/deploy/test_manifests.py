@@ -12,6 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.settings import (
+    DEFAULT_READS_PER_MINUTE,
+    DEFAULT_WRITES_PER_MINUTE,
+    parse_selector,
+    selector_matches,
+)
 from tests.fixtures.k8s import BIN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,10 +64,13 @@ def test_base_installs_exactly_the_controller(base):
         ("CustomResourceDefinition", "orchestrators.runwarden.dev"),
         ("Deployment", "runwarden"),
         ("Namespace", "runwarden-system"),
+        ("PodDisruptionBudget", "runwarden"),
+        ("Role", "runwarden-leader-election"),
+        ("RoleBinding", "runwarden-leader-election"),
         ("ServiceAccount", "runwarden"),
     ]
     for (kind, _), obj in base.items():
-        if kind in ("ServiceAccount", "Deployment"):
+        if kind in ("ServiceAccount", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding"):
             assert obj["metadata"]["namespace"] == "runwarden-system"
         assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "runwarden"
 
@@ -127,20 +136,103 @@ def test_cluster_role_is_least_privilege(base):
     }
 
 
-def test_deployment_runs_one_controller_at_a_time(deployment, container):
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+def test_deployment_runs_two_replicas_with_leader_election(deployment, container):
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
     assert container["image"] == "ghcr.io/runwarden/runwarden:0.1.0"
     assert container["args"] == [
         "--all-namespaces",
         "--standalone",
+        "--leader-election",
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=9090",
         "--log-format=json",
     ]
+    # The identity is the pod's name (--leader-election-identity's default reads POD_NAME).
+    [pod_name] = [e for e in container["env"] if e["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     selector = deployment["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
+
+
+def test_disruption_budget_keeps_one_replica(base, deployment):
+    pdb = base[("PodDisruptionBudget", "runwarden")]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_leases_only_in_the_controllers_own_namespace(base):
+    role = base[("Role", "runwarden-leader-election")]
+    assert role["metadata"]["namespace"] == "runwarden-system"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update"],
+        }
+    ]
+    binding = base[("RoleBinding", "runwarden-leader-election")]
+    assert binding["metadata"]["namespace"] == "runwarden-system"
+    assert binding["roleRef"]["kind"] == "Role"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "runwarden", "namespace": "runwarden-system"}
+    ]
+    cluster_rules = base[("ClusterRole", "runwarden")]["rules"]
+    assert not any("coordination.k8s.io" in r["apiGroups"] for r in cluster_rules)
+
+
+def test_shards_overlay_renders_three_disjoint_shards(base):
+    objects = kustomize(MANIFESTS / "shards")
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    assert len(by_kind) == len(objects), "no object twice"
+    shared = {k: v for k, v in base.items() if k[0] not in ("Deployment", "PodDisruptionBudget")}
+    for key, obj in shared.items():
+        assert by_kind[key] == obj, f"{key} differs from the base"
+    base_deployment = base[("Deployment", "runwarden")]
+    [base_container] = base_deployment["spec"]["template"]["spec"]["containers"]
+    selectors, leases = [], set()
+    for n in range(3):
+        deployment = by_kind[("Deployment", f"runwarden-shard-{n}")]
+        pdb = by_kind[("PodDisruptionBudget", f"runwarden-shard-{n}")]
+        match = deployment["spec"]["selector"]["matchLabels"]
+        assert match["runwarden.dev/shard"] == str(n)
+        assert pdb["spec"]["selector"]["matchLabels"] == match
+        assert match.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert deployment["spec"]["replicas"] == 2 and pdb["spec"]["minAvailable"] == 1
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        # The base's args, plus the shard's selector, Lease and share of the region's budget.
+        assert args[: len(base_container["args"])] == base_container["args"]
+        extra = dict(a.split("=", 1) for a in args[len(base_container["args"]) :])
+        assert set(extra) == {
+            "--selector",
+            "--leader-election-name",
+            "--reads-per-minute",
+            "--writes-per-minute",
+        }
+        assert float(extra["--reads-per-minute"]) * 3 <= DEFAULT_READS_PER_MINUTE
+        assert float(extra["--writes-per-minute"]) * 3 <= DEFAULT_WRITES_PER_MINUTE
+        selectors.append(parse_selector(extra["--selector"]))
+        leases.add(extra["--leader-election-name"])
+        rest = {k: v for k, v in container.items() if k != "args"}
+        assert rest == {k: v for k, v in base_container.items() if k != "args"}
+    assert len(leases) == 3, "one Lease per shard"
+    # Every Orchestrator is served by exactly one shard, labelled or not.
+    for labels in (
+        {},
+        {"runwarden.dev/shard": "0"},
+        {"runwarden.dev/shard": "1"},
+        {"runwarden.dev/shard": "2"},
+        {"runwarden.dev/shard": "7"},
+        {"other": "1"},
+    ):
+        serving = [n for n, sel in enumerate(selectors) if selector_matches(sel, labels)]
+        assert len(serving) == 1, (labels, serving)
 
 
 def test_deployment_is_locked_down(deployment, container):
@@ -176,7 +268,7 @@ def test_liveness_probe_and_metrics_match_the_args(deployment, container):
 
 def test_audit_subscription_is_documented_but_off(container):
     assert not any(e["name"] == "RUNWARDEN_AUDIT_SUBSCRIPTION" for e in container.get("env", []))
-    text = (MANIFESTS / "deployment.yaml").read_text()
+    text = (MANIFESTS / "controller" / "deployment.yaml").read_text()
     assert "#     value: projects/PROJECT_ID/subscriptions/" in text
     assert "RUNWARDEN_AUDIT_SUBSCRIPTION" in text
 

@@ -39,6 +39,10 @@ ALLOWED = [
     ("watch", "namespaces", []),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", []),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", []),
+    # --leader-election: the Lease(s) in its own namespace.
+    ("get", "leases.coordination.k8s.io", ["-n", "runwarden-system"]),
+    ("create", "leases.coordination.k8s.io", ["-n", "runwarden-system"]),
+    ("update", "leases.coordination.k8s.io", ["-n", "runwarden-system"]),
 ]
 
 # What it must not be able to do: secrets, pods, workloads, RBAC, other custom resources, and
@@ -73,6 +77,12 @@ DENIED = [
     ("get", "events", ["-n", "pipeline"]),
     ("delete", "events", ["-n", "pipeline"]),
     ("list", "nodes", []),
+    # Leases: only in its own namespace, and only what the election needs.
+    ("get", "leases.coordination.k8s.io", ["-n", "pipeline"]),
+    ("update", "leases.coordination.k8s.io", ["-n", "kube-system"]),
+    ("create", "leases.coordination.k8s.io", ["-n", "pipeline"]),
+    ("delete", "leases.coordination.k8s.io", ["-n", "runwarden-system"]),
+    ("list", "leases.coordination.k8s.io", ["--all-namespaces"]),
 ]
 
 
@@ -95,6 +105,9 @@ def test_apply_k_manifests_installs_everything(installed):
         ("clusterrole", "runwarden", None),
         ("clusterrolebinding", "runwarden", None),
         ("deployment", "runwarden", "runwarden-system"),
+        ("poddisruptionbudget", "runwarden", "runwarden-system"),
+        ("role", "runwarden-leader-election", "runwarden-system"),
+        ("rolebinding", "runwarden-leader-election", "runwarden-system"),
     ]:
         args = ["get", kind, name, "-o", "json"] + (["-n", namespace] if namespace else [])
         obj = json.loads(installed.kubectl(*args).stdout)
@@ -239,6 +252,7 @@ def test_controller_reconciles_to_ready_as_the_service_account(
         liveness=f"http://127.0.0.1:{health_port}/healthz",
         metrics_port=metrics_port,
         log_format="json",
+        extra_args=["--leader-election", "--leader-election-identity", "rbac-proof-replica"],
     )
     controller.start()
     try:
@@ -258,6 +272,13 @@ def test_controller_reconciles_to_ready_as_the_service_account(
             message="Orchestrator Ready=True with the controller running as the ServiceAccount",
         )
         assert ready["status"]["observedGeneration"] == ready["metadata"]["generation"]
+        # It reconciled as the holder of the Lease, made with the Role's rights.
+        lease = json.loads(
+            installed.kubectl(
+                "get", "lease", "runwarden", "-n", "runwarden-system", "-o", "json"
+            ).stdout
+        )
+        assert lease["spec"]["holderIdentity"] == "rbac-proof-replica"
 
         got = emulator.admin.get_service(project, region, service)
         assert got["env"]["GCP_PROJECT_ID"] == project

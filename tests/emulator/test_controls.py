@@ -80,6 +80,22 @@ async def test_unavailable_is_retried_by_the_client(fresh_emulator, fresh_client
     assert fresh_emulator.admin.calls()[GET] >= 4
 
 
+async def test_call_counters_per_principal(fresh_emulator, fresh_clients):
+    svc = fresh_deploy(fresh_emulator, "by-principal", env={"A": "1"})
+    await _get(fresh_clients, svc.name)
+    policy = await fresh_clients.run.get_iam_policy(request={"resource": svc.name})
+    await fresh_clients.run.set_iam_policy(
+        request={"resource": svc.name, "policy": policy},
+        metadata=[("x-emulator-principal", "replica-b@example.com")],
+    )
+    assert fresh_emulator.admin.calls_by_principal() == {
+        "runwarden@example.com": {GET: 1, GET_POLICY: 1},
+        "replica-b@example.com": {SET_POLICY: 1},
+    }
+    fresh_emulator.admin.reset_calls()
+    assert fresh_emulator.admin.calls_by_principal() == {}
+
+
 async def test_latency_is_added_to_matching_calls(fresh_emulator, fresh_clients):
     svc = fresh_deploy(fresh_emulator, "slow", env={"A": "1"})
     await _get(fresh_clients, svc.name)  # warm the channel

@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2
 from controller.domain.model import Observed, Plan, ServiceRef
 from controller.gcp import gateway
 from controller.gcp.budget import Pacer
-from controller.gcp.errors import QuotaExceeded, Unavailable
+from controller.gcp.errors import NotLeader, QuotaExceeded, Unavailable
 from controller.gcp.gateway import READ_RETRY, Gateway
 
 REF = ServiceRef("my-project", "us-west2", "svc")
@@ -265,3 +265,28 @@ def test_already_exists_is_never_a_transient_conflict() -> None:
     # ABORTED (an etag race) stays the transient Conflict.
     with pytest.raises(Conflict), translate("service x"):
         raise gexc.Aborted("etag")
+
+
+async def test_fencing_holds_back_every_write_once_the_lease_is_not_valid() -> None:
+    """Leader election: a replica whose Lease ran out (by its own clock) sends no write at all,
+    and still reads; the writes it may send carry its principal (the emulator's metadata)."""
+    obs = await observed()
+    left = [5.0]
+    run = FakeRun()
+    gw = Gateway(
+        FakeClients(run),  # type: ignore[arg-type]
+        pacer=RecordingPacer(),
+        fence=lambda: left[0],
+        write_metadata=(("x-emulator-principal", "replica-a@example.com"),),
+    )
+    await gw.set_invokers(obs, "roles/run.invoker", frozenset({"user:a@b.c"}), frozenset())
+    assert run.attempts == {"SetIamPolicy": 1}
+    left[0] = 0.0
+    with pytest.raises(NotLeader) as raised:
+        await gw.update_service(obs, Plan())
+    assert "leader Lease" in raised.value.message
+    with pytest.raises(NotLeader):
+        await gw.set_invokers(obs, "roles/run.invoker", frozenset({"user:x@b.c"}), frozenset())
+    assert run.attempts == {"SetIamPolicy": 1}, "no write sent without a valid lease"
+    await gw.observe(REF, "")  # reads are not fenced: only writes can do harm
+    assert run.attempts["GetService"] == 1
