@@ -52,7 +52,7 @@ from controller.operator.login import connect, login
 from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
 from controller.schedule.backoff import next_delay
 from controller.schedule.drift_loop import REGISTRY, DriftLoop
-from controller.settings import Requirement, Settings, parse_selector, selector_matches
+from controller.settings import Settings
 
 __all__ = ["cleanup", "deleted", "drift_loop", "login", "run", "spec_changed", "startup"]
 
@@ -61,15 +61,12 @@ FINALIZER = "runwarden.dev/finalizer"
 # The emulator attributes a gRPC write to this request metadata (CONTRACT §3).
 PRINCIPAL_METADATA = "x-emulator-principal"
 LEASE_LOST_EXIT = 3  # the exit code after losing the leader Lease
-SELECTOR: tuple[Requirement, ...] = ()  # --selector, parsed (set by run)
 
 
 def run(settings: Settings) -> None:
     """Run the operator until SIGTERM/SIGINT, from when the apiserver serves Orchestrators (and,
     with --leader-election, from when this replica holds the Lease). Exits non-zero when the
     Lease is lost: the pod restarts as a standby (client-go's leader election does the same)."""
-    global SELECTOR
-    SELECTOR = parse_selector(settings.selector)
     code = asyncio.run(_serve(settings))
     if code:
         sys.exit(code)
@@ -139,12 +136,6 @@ async def _stand_by(lease: Lease, liveness: str | None) -> bool:
             loop.remove_signal_handler(signum)
 
 
-def _selected(labels: Mapping[str, str], **_: Any) -> bool:
-    """--selector: whether this process serves an Orchestrator with these labels (kopf stops
-    the object's daemon when it stops matching)."""
-    return not SELECTOR or selector_matches(SELECTOR, labels)
-
-
 # ---------------------------------------------------------------------- operator lifecycle
 
 
@@ -152,6 +143,12 @@ def _selected(labels: Mapping[str, str], **_: Any) -> bool:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config: Settings = memo.config
     settings.persistence.finalizer = FINALIZER
+    if config.selector:
+        # Shards: the apiserver filters the watch, so this process never sees (nor holds in
+        # memory, nor touches the finalizer of) another shard's Orchestrators. An object
+        # relabelled out of the selection arrives as DELETED: kopf stops its daemon (see
+        # drift_loop); relabelled in, it arrives as new and is resumed.
+        settings.watching.label_selectors[GROUP, PLURAL] = config.selector
     settings.persistence.progress_storage = LeanProgressStorage(prefix="runwarden.dev")
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(
         prefix="runwarden.dev", key="last-handled-configuration"
@@ -222,9 +219,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 # ---------------------------------------------------------------------- spec changes
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL, when=_selected)
-@kopf.on.resume(GROUP, VERSION, PLURAL, when=_selected)
-@kopf.on.update(GROUP, VERSION, PLURAL, when=_selected)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
 async def spec_changed(
     body: kopf.Body, namespace: str | None, name: str, reason: str, **_: Any
 ) -> None:
@@ -239,7 +236,7 @@ async def spec_changed(
 # ---------------------------------------------------------------------- the drift loop
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="drift-loop", when=_selected)
+@kopf.daemon(GROUP, VERSION, PLURAL, id="drift-loop")
 async def drift_loop(
     body: kopf.Body,
     namespace: str | None,
@@ -277,6 +274,16 @@ async def drift_loop(
                     loop.schedule(DEFAULT_RESYNC, failure)
     finally:
         stopping.cancel()
+        reason = stopped.reason or kopf.DaemonStoppingReason(0)
+        if reason & kopf.DaemonStoppingReason.RESOURCE_DELETED and not (
+            reason & kopf.DaemonStoppingReason.OPERATOR_EXITING
+        ):
+            # Gone from this process's view without a deletion (relabelled out of --selector):
+            # forget its loop, budget share and metric (a real deletion did so already).
+            if REGISTRY.get(namespace or "", name) is loop:  # not a newer daemon's loop
+                REGISTRY.forget(namespace or "", name)
+                memo.pacer.forget((namespace or "", name))
+                metrics.set_ready(namespace or "", name, None)
 
 
 async def _stopped(stopped: kopf.DaemonStopped) -> None:
@@ -309,7 +316,7 @@ async def _write_status(
 # ---------------------------------------------------------------------- deletion
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=_selected)
+@kopf.on.delete(GROUP, VERSION, PLURAL)
 async def deleted(
     body: kopf.Body,
     namespace: str | None,
