@@ -129,6 +129,21 @@ def apply_orchestrators(plane: ControlPlane, namespace: str, bodies: list[dict[s
     )  # fmt: skip
 
 
+def status_writes(plane: ControlPlane) -> int:
+    """Orchestrator status PATCHes the apiserver has served (its own apiserver_request_total)."""
+    text = plane.kubectl("get", "--raw", "/metrics", timeout=60).stdout
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("apiserver_request_total{")
+            and 'resource="orchestrators"' in line
+            and 'subresource="status"' in line
+            and 'verb="PATCH"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
 def create_namespace(plane: ControlPlane, name: str) -> None:
     plane.kubectl("create", "namespace", name)
 

@@ -34,6 +34,7 @@ from bench.harness import (
     put_services,
     service_name,
     short,
+    status_writes,
 )
 from cloudrun_emulator.control import WRITE_METHODS
 from cloudrun_emulator.testing import EmulatorProcess
@@ -236,6 +237,13 @@ class Overhead:
     floor_cpu: float = 0.0  # the bare script plus one status patch per check
     floor_checks: int = 0
     round_ratios: list[float] = field(default_factory=list)  # controller / bare, per round
+    # Orchestrator status PATCHes the apiserver served during the controller's windows (its
+    # apiserver_request_total): with the status heartbeat, 0 for steady checks.
+    status_writes: int = 0
+
+    @property
+    def status_writes_per_check(self) -> float:
+        return self.status_writes / max(1, self.checks)
 
     @property
     def controller_ms(self) -> float:
@@ -283,9 +291,11 @@ def overhead(run: Run, cfg: Config) -> Overhead:
                 run.apply(ns, names)
             watch.wait(watch.n_ready, n, cfg.ready_timeout, "overhead: initial sync")
             time.sleep(max(3.0, 2 * cfg.overhead_resync))  # past the first round of checks
+            w0 = status_writes(run.plane)
             m0, s0, c0 = ctl.metrics(), ctl.stat(), admin.calls()
             time.sleep(cfg.overhead_seconds)
             m1, s1, c1 = ctl.metrics(), ctl.stat(), admin.calls()
+            total.status_writes += status_writes(run.plane) - w0
         finally:
             watch.stop()
             ctl.stop()

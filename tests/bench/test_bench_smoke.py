@@ -51,6 +51,8 @@ def test_bench_smoke(crds: ControlPlane, tmp_path: Path) -> None:
     assert results.overhead is not None
     assert results.overhead.checks > 0 and results.overhead.bare_checks == results.overhead.checks
     assert results.overhead.bare_calls_per_check == 2
+    # The status heartbeat: steady checks cost the apiserver no write (counted by the apiserver).
+    assert results.overhead.status_writes == 0, tables(results)
     [scale] = results.scales
     assert scale.n == 3 and 0 < scale.ready_seconds < scale.repair_seconds + 60
     assert scale.ready_series[-1][1] == 3 and scale.repaired_series[-1][1] == 3
