@@ -18,12 +18,16 @@ Shape of the drift loop:
   they never run concurrently.
 
 Start-up: kopf starts only once the apiserver serves the Orchestrator resource (see
-controller.kube.crd_gate for why kopf cannot be left to notice a CRD created after it started).
+controller.kube.crd_gate for why kopf cannot be left to notice a CRD created after it started)
+and, with --leader-election, once this replica holds the Lease (controller.kube.lease): a
+standby runs no handler and no drift loop at all. The holder's gateway asks the Lease before
+every Google write (fencing); losing the Lease stops kopf and exits LEASE_LOST_EXIT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import signal
@@ -100,14 +104,15 @@ async def _serve(settings: Settings) -> int:
 
         keeper = asyncio.create_task(keep(lease))
     try:
-        await kopf.operator(
-            standalone=settings.standalone,
-            namespaces=list(settings.namespaces),
-            clusterwide=settings.all_namespaces and not settings.namespaces,
-            liveness_endpoint=settings.liveness,
-            memo=kopf.Memo(config=settings, lease=lease),
-            stop_flag=stop,
-        )
+        with contextlib.suppress(asyncio.CancelledError):  # as kopf.run does
+            await kopf.operator(
+                standalone=settings.standalone,
+                namespaces=list(settings.namespaces),
+                clusterwide=settings.all_namespaces and not settings.namespaces,
+                liveness_endpoint=settings.liveness,
+                memo=kopf.Memo(config=settings, lease=lease),
+                stop_flag=stop,
+            )
     finally:
         if keeper is not None:
             keeper.cancel()
