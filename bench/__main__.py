@@ -8,6 +8,8 @@ Sizes and durations come from the environment (defaults in brackets):
   BENCH_OVERHEAD_ROUNDS=3     controller / bare rounds, interleaved
   BENCH_SCALE_RESYNC=30       resync (s) during the scale runs
   BENCH_LATENCY_MS=20         emulator latency per call for scale and quota runs
+  BENCH_FAILOVER_N=100        leader failover: on the last scale run's Orchestrators, else
+                              on this many (0 = skip)
   BENCH_QUOTA_N=1000          Orchestrators for quota pacing (0 = skip)
   BENCH_QUOTA_RPM=600         the emulator's read quota (and the controller's read budget)
   BENCH_QUOTA_SECONDS=240     how long to watch the pacing (warm-up: BENCH_QUOTA_WARMUP=60)
@@ -49,6 +51,7 @@ def config_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> Conf
         scale_resync=num("BENCH_SCALE_RESYNC", d.scale_resync),
         latency_ms=int(num("BENCH_LATENCY_MS", d.latency_ms)),
         quota_n=int(num("BENCH_QUOTA_N", d.quota_n)),
+        failover_n=int(num("BENCH_FAILOVER_N", d.failover_n)),
         quota_rpm=int(num("BENCH_QUOTA_RPM", d.quota_rpm)),
         quota_seconds=num("BENCH_QUOTA_SECONDS", d.quota_seconds),
         quota_warmup=num("BENCH_QUOTA_WARMUP", d.quota_warmup),

@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.scenarios import Config, Economy, Overhead, Quota, Scale
+from bench.scenarios import Config, Economy, Failover, Overhead, Quota, Scale
 
 GOAL_RATIO = 1.25  # issue 17 (was 2.0 in issue 7)
 GOAL_REPAIR_SECONDS = 60.0
@@ -35,6 +35,7 @@ class Results:
     overhead: Overhead | None = None
     scales: list[Scale] = field(default_factory=list)
     quota: Quota | None = None
+    failover: Failover | None = None
     audit: str | None = None  # bench/audit_latency.py's table (issue 8), when it exists
     errors: list[str] = field(default_factory=list)
 
@@ -120,6 +121,21 @@ def tables(r: Results) -> str:
             f"Goals: all repaired ≤ {_num(GOAL_REPAIR_SECONDS)} s after the drift (detection "
             f"waits for the next check: up to {_num(s0.resync * 1.1)} s at this resync), "
             f"peak RSS ≤ {_num(GOAL_RSS_MB)} MB.",
+            "",
+        ]
+    if r.failover is not None:
+        f = r.failover
+        out += [
+            f"### Leader failover — {f.n} Orchestrators, 2 replicas with `--leader-election` "
+            f"(lease {_num(f.lease_seconds)} s), resync {_num(f.resync)} s",
+            "",
+            "SIGKILL of the leader, then every service drifted at once; times from the kill.",
+            "",
+            "| standby's Google calls while the leader lived | first repair (s) | all repaired (s) "
+            "| goal: first repair ≤ 15 s |",
+            "|---:|---:|---:|---|",
+            f"| {f.standby_calls_before} | {_num(f.first_repair_seconds, 1)} | "
+            f"{_num(f.all_repaired_seconds, 1)} | {_ok(f.first_repair_seconds <= 15)} |",
             "",
         ]
     if r.quota is not None:

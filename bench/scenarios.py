@@ -68,6 +68,7 @@ class Config:
     quota_seconds: float = 240.0
     quota_warmup: float = 60.0
     ready_timeout: float = 900.0
+    failover_n: int = 100  # without a scale run to reuse; 0 = no failover scenario
 
 
 @dataclass
@@ -423,6 +424,77 @@ def scale(run: Run, cfg: Config, n: int) -> tuple[Scale, tuple[str, list[str]]]:
     finally:
         watch.stop()
         ctl.stop()
+
+
+# ---------------------------------------------------------------------- leader failover
+
+
+@dataclass
+class Failover:
+    n: int
+    resync: float
+    lease_seconds: float
+    first_repair_seconds: float  # SIGKILL of the leader -> the standby's first repair
+    all_repaired_seconds: float  # SIGKILL of the leader -> every drifted service repaired
+    standby_calls_before: int  # Google calls the standby made while the leader lived (goal 0)
+
+
+def failover(run: Run, cfg: Config, reuse: tuple[str, list[str]] | None) -> Failover:
+    """Two replicas with --leader-election on n Orchestrators (the last scale's, or a fresh
+    set): SIGKILL the leader, drift every service at once, and time the standby's repairs."""
+    ns, names = reuse if reuse is not None else run.populate("failover", cfg.failover_n)
+    n = len(names)
+    admin = run.emulator.admin
+    lease = 10.0
+
+    def replica(name: str) -> Controller:
+        return Controller(
+            run.plane,
+            run.emulator.grpc_endpoint,
+            [ns],
+            run.work / f"failover-{name}.log",
+            cfg.scale_resync,
+            extra_args=[
+                "--leader-election",
+                f"--leader-election-namespace={ns}",
+                f"--leader-election-identity={name}",
+                f"--leader-election-lease-seconds={lease:g}",
+                f"--own-principal={name}@example.com",
+            ],
+            extra_env=UNLIMITED,
+        )
+
+    a, b = replica("leader"), replica("standby")
+    watch = Watch(run.plane, ns).start()
+    try:
+        a.start()
+        b.proc.start(wait=False)
+        if reuse is None:
+            run.apply(ns, names)
+        watch.wait(watch.n_ready, n, cfg.ready_timeout, f"failover {n}: Ready")
+        standby_before = sum(admin.calls_by_principal().get("standby@example.com", {}).values())
+        watch.mark_drift_baseline()
+        a.proc.kill()
+        killed = time.monotonic()
+        put_services(admin, names, DRIFTS["env"], workers=8)
+        done = watch.wait(
+            watch.n_repaired, n, cfg.scale_resync * 1.1 + cfg.ready_timeout, f"failover {n}"
+        )
+        with watch.lock:
+            first = min(watch.repaired_at.values())
+        run.say(f"failover {n}: first repair {first - killed:.1f}s, all {done - killed:.1f}s")
+        return Failover(
+            n=n,
+            resync=cfg.scale_resync,
+            lease_seconds=lease,
+            first_repair_seconds=first - killed,
+            all_repaired_seconds=done - killed,
+            standby_calls_before=standby_before,
+        )
+    finally:
+        watch.stop()
+        a.stop()
+        b.stop()
 
 
 # ---------------------------------------------------------------------- 4. quota pacing

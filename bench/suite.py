@@ -74,6 +74,8 @@ def run(
             if got is not None:
                 results.scales.append(got[0])
                 reuse = got[1]
+        if cfg.failover_n:
+            results.failover = attempt("failover", lambda: scenarios.failover(ctx, cfg, reuse))
         if cfg.quota_n:
             results.quota = attempt("quota", lambda: scenarios.quota(ctx, cfg, reuse))
     finally:

@@ -30,6 +30,7 @@ SMOKE = Config(
     quota_seconds=3,
     quota_warmup=1,
     ready_timeout=60,
+    failover_n=3,
 )
 
 
@@ -58,6 +59,11 @@ def test_bench_smoke(crds: ControlPlane, tmp_path: Path) -> None:
     assert scale.ready_series[-1][1] == 3 and scale.repaired_series[-1][1] == 3
     assert scale.peak_rss_mb > 0
     assert results.quota is not None and results.quota.samples
+    # Leader failover on the scale run's 3 Orchestrators: the standby made no call while the
+    # leader lived, and repaired all after the kill (times are reported, not asserted).
+    assert results.failover is not None and results.failover.n == 3
+    assert results.failover.standby_calls_before == 0
+    assert 0 < results.failover.first_repair_seconds <= results.failover.all_repaired_seconds
 
     text = (tmp_path / "results" / "latest.md").read_text()
     for heading in ("API economy", "Overhead", "Scale", "Quota pacing", "issue 8"):
