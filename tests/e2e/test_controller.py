@@ -322,6 +322,7 @@ def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
         namespaces=[namespace],
         log_path=tmp_path / "c.log",
         metrics_port=port,
+        status_heartbeat=0,  # counts checks by lastSyncTime
     ) as proc:
         orch.apply()
         obj = orch.wait("True")

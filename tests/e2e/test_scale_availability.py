@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from cloudrun_emulator.testing import EmulatorProcess
-from tests.e2e.test_controller import apply, condition, get, orchestrator
+from tests.fixtures.bodies import orchestrator as body
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
+from tests.fixtures.orch import condition
 from tests.fixtures.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +36,26 @@ SA = "invoker@runwarden-e2e.iam.gserviceaccount.com"
 RUN = "google.cloud.run.v2.Services/"
 WRITES = (f"{RUN}UpdateService", f"{RUN}SetIamPolicy")
 DEADLINE = 60  # a busy 2-core machine: deadlines, never timings
+
+
+def orchestrator(name: str, service: str) -> dict[str, Any]:
+    return body(
+        name,
+        service,
+        project=PROJECT,
+        region=REGION,
+        env={"GCP_PROJECT_ID": PROJECT},
+        invokers=[f"serviceAccount:{SA}"],
+    )
+
+
+def apply(cp: ControlPlane, namespace: str, obj: dict[str, Any]) -> None:
+    cp.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(obj))
+
+
+def get(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    out = cp.kubectl("get", "orchestrator", name, "-n", namespace, "-o", "json").stdout
+    return json.loads(out)  # type: ignore[no-any-return]
 
 
 def deploy(emulator: EmulatorProcess, name: str, **env: str) -> None:
@@ -308,10 +330,10 @@ def test_disjoint_selectors_each_serve_only_their_own(
 
     with shard("shard-a", "shard=a") as a, shard("shard-b", "shard in (b)") as b:
         for name, label in (("orch-a", "a"), ("orch-b", "b"), ("orch-none", None)):
-            body = orchestrator(name, f"svc-{name.removeprefix('orch-')}")
+            obj = orchestrator(name, f"svc-{name.removeprefix('orch-')}")
             if label:
-                body["metadata"]["labels"] = {"shard": label}
-            apply(crds, namespace, body)
+                obj["metadata"]["labels"] = {"shard": label}
+            apply(crds, namespace, obj)
         for name in ("orch-a", "orch-b"):
             wait_for(lambda n=name: ready(crds, namespace, n), DEADLINE, message=f"{name} Ready")
         # Each wrote to Google (its own principal) and logged the first sync of its own only.
