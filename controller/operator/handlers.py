@@ -58,7 +58,16 @@ from controller.schedule.backoff import next_delay
 from controller.schedule.drift_loop import REGISTRY, DriftLoop
 from controller.settings import Settings
 
-__all__ = ["cleanup", "deleted", "drift_loop", "login", "run", "spec_changed", "startup"]
+__all__ = [
+    "cleanup",
+    "deleted",
+    "drift_loop",
+    "login",
+    "run",
+    "spec_changed",
+    "startup",
+    "watched",
+]
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
 FINALIZER = "runwarden.dev/finalizer"
@@ -151,8 +160,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     if config.selector:
         # Shards: the apiserver filters the watch, so this process never sees (nor holds in
         # memory, nor touches the finalizer of) another shard's Orchestrators. An object
-        # relabelled out of the selection arrives as DELETED: kopf stops its daemon (see
-        # drift_loop); relabelled in, it arrives as new and is resumed.
+        # relabelled out of the selection arrives as DELETED (see watched); relabelled in, it
+        # arrives as new and is resumed.
         settings.watching.label_selectors[GROUP, PLURAL] = config.selector
     settings.persistence.progress_storage = LeanProgressStorage(prefix="runwarden.dev")
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(
@@ -279,16 +288,6 @@ async def drift_loop(
                     loop.schedule(DEFAULT_RESYNC, failure)
     finally:
         stopping.cancel()
-        reason = stopped.reason or kopf.DaemonStoppingReason(0)
-        if reason & kopf.DaemonStoppingReason.RESOURCE_DELETED and not (
-            reason & kopf.DaemonStoppingReason.OPERATOR_EXITING
-        ):
-            # Gone from this process's view without a deletion (relabelled out of --selector):
-            # forget its loop, budget share and metric (a real deletion did so already).
-            if REGISTRY.get(namespace or "", name) is loop:  # not a newer daemon's loop
-                REGISTRY.forget(namespace or "", name)
-                memo.pacer.forget((namespace or "", name))
-                metrics.set_ready(namespace or "", name, None)
 
 
 async def _stopped(stopped: kopf.DaemonStopped) -> None:
@@ -316,6 +315,24 @@ async def _write_status(
         log.warning(
             "status_write_failed", k8s_ref=ref_of(loop), error=str(exc) or type(exc).__name__
         )
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def watched(
+    type: str, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
+) -> None:
+    """An Orchestrator gone from this process's view without being deleted: relabelled out of
+    --selector, the apiserver's filtered watch reports it DELETED. kopf stops daemons only for
+    deletions (deletionTimestamp), so stop its drift loop here and forget its budget share and
+    metric; relabelled back in, it arrives as a new object."""
+    if type != "DELETED" or body.metadata.get("deletionTimestamp"):
+        return
+    key = (namespace or "", name)
+    if REGISTRY.get(*key) is not None:
+        log.info("unselected", k8s_ref={"namespace": key[0], "name": name})
+        REGISTRY.forget(*key)
+        memo.pacer.forget(key)
+        metrics.set_ready(*key, None)
 
 
 # ---------------------------------------------------------------------- deletion
