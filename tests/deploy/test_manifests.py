@@ -146,10 +146,11 @@ def test_deployment_runs_two_replicas_with_leader_election(deployment, container
     assert container["args"] == [
         "--all-namespaces",
         "--standalone",
-        "--leader-election",
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=9090",
         "--log-format=json",
+        "--leader-election",
+        "--leader-election-namespace=runwarden-system",
     ]
     # The identity is the pod's name (--leader-election-identity's default reads POD_NAME).
     [pod_name] = [e for e in container["env"] if e["name"] == "POD_NAME"]
