@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -50,18 +50,36 @@ _REST_THREADS = 16
 # The signatures are the generated clients' (a ``timeout`` per call, hence the ASYNC109 noqa).
 
 
+# Request metadata for writes (gRPC metadata; HTTP headers over REST).
+Metadata = Sequence[tuple[str, str]]
+
+
 class RunApi(Protocol):
     """The Cloud Run v2 calls the gateway makes (``ServicesAsyncClient`` or ``_RestRun``)."""
 
     async def get_service(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
 
-    async def update_service(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
+    async def update_service(
+        self,
+        *,
+        request: Any,
+        retry: Any,
+        timeout: Any,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> Any: ...
 
     async def list_services(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
 
     async def get_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
 
-    async def set_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any: ...  # noqa: ASYNC109
+    async def set_iam_policy(
+        self,
+        *,
+        request: Any,
+        retry: Any,
+        timeout: Any,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> Any: ...
 
 
 class IamApi(Protocol):
@@ -279,10 +297,19 @@ class _RestRun:
             lambda: self._client.get_service(request=request, retry=retry, timeout=timeout),
         )
 
-    async def update_service(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+    async def update_service(
+        self,
+        *,
+        request: Any,
+        retry: Any,
+        timeout: Any,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> Any:
         operation = await _in_thread(
             self._executor,
-            lambda: self._client.update_service(request=request, retry=retry, timeout=timeout),
+            lambda: self._client.update_service(
+                request=request, retry=retry, timeout=timeout, metadata=metadata
+            ),
         )
         return _RestOperation(operation, self._executor)
 
@@ -301,10 +328,19 @@ class _RestRun:
             lambda: self._client.get_iam_policy(request=request, retry=retry, timeout=timeout),
         )
 
-    async def set_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+    async def set_iam_policy(
+        self,
+        *,
+        request: Any,
+        retry: Any,
+        timeout: Any,  # noqa: ASYNC109
+        metadata: Metadata = (),
+    ) -> Any:
         return await _in_thread(
             self._executor,
-            lambda: self._client.set_iam_policy(request=request, retry=retry, timeout=timeout),
+            lambda: self._client.set_iam_policy(
+                request=request, retry=retry, timeout=timeout, metadata=metadata
+            ),
         )
 
 
