@@ -69,7 +69,7 @@ class Credentials:
         if self.lifetime_cap is not None:
             seconds = min(seconds, self.lifetime_cap)
         token = TOKEN_PREFIX + secrets.token_urlsafe(24)
-        expires = self._clock() + seconds
+        expires = float(int(self._clock() + seconds))  # whole seconds, as reported
         self._tokens[token] = Token(email, expires)
         self.issued[email.lower()] = self.issued.get(email.lower(), 0) + 1
         return token, expires
