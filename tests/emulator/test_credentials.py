@@ -179,7 +179,11 @@ async def test_expired_token_is_unauthenticated(fresh_emulator: EmulatorProcess)
         name=f"projects/-/serviceAccounts/{SA_A}",
         scope=["https://www.googleapis.com/auth/cloud-platform"],
     )
-    wait_for(lambda: resp.expire_time.timestamp() < time.time(), timeout=10, message="the token to expire")
+    wait_for(
+        lambda: resp.expire_time.timestamp() < time.time(),
+        timeout=10,
+        message="the token to expire",
+    )
     run = make_clients(fresh_emulator.grpc_endpoint).run
     with pytest.raises(gexc.Unauthenticated):
         await run.get_service(
