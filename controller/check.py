@@ -71,6 +71,7 @@ async def check(
             # Refused by the namespace's binding: no Google call at all, and no audit wake-ups
             # for this service (the audit feed finds loops by their ref).
             loop.ref = None
+            memo.pacer.forget(loop.key)
             update = failed(gateway, (Event("Warning", gateway.reason, gateway.message),))
         else:
             desired = parsed

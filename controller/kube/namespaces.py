@@ -3,8 +3,9 @@
 The operator layer feeds every namespace watch event into ``NamespaceBindings.seen`` (so an
 annotation change takes effect without a restart, and wakes the namespace's Orchestrators); a
 check asks ``get``, which answers from the cache and reads the namespace itself when the watch has
-not delivered it yet or its entry is older than ``ttl`` (a watch that stalled must not keep a
-revoked binding alive for long).
+not delivered it yet. What the watch delivered stays until the watch says otherwise (kopf
+re-lists after a reconnect); what a read found is read again after ``ttl``, so that without a
+watch a revoked binding does not stay in force for long.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ class NamespaceBindings:
         self._ttl = ttl
         self._clock = clock
         self._bindings: dict[str, Binding] = {}
-        self._seen_at: dict[str, float] = {}
+        self._expires: dict[str, float] = {}
 
-    def seen(self, name: str, annotations: Mapping[str, str] | None) -> bool:
+    def seen(
+        self, name: str, annotations: Mapping[str, str] | None, *, watched: bool = True
+    ) -> bool:
         """A namespace as the watch (or a read) delivered it; True if its binding changed."""
         binding = Binding.of(name, annotations)
         before = self._bindings.get(name)
         self._bindings[name] = binding
-        self._seen_at[name] = self._clock()
+        self._expires[name] = float("inf") if watched else self._clock() + self._ttl
         if before is not None and before != binding:
             log.info(
                 "namespace_binding_changed",
@@ -62,16 +65,16 @@ class NamespaceBindings:
 
     def gone(self, name: str) -> None:
         self._bindings.pop(name, None)
-        self._seen_at.pop(name, None)
+        self._expires.pop(name, None)
 
     async def get(self, name: str) -> Binding:
         """The namespace's binding; raises StatusWriteError (or aiohttp.ClientError,
         TimeoutError) when it is not cached and cannot be read."""
         cached = self._bindings.get(name)
-        if cached is not None and self._clock() - self._seen_at.get(name, 0.0) < self._ttl:
+        if cached is not None and self._clock() < self._expires.get(name, 0.0):
             return cached
         annotations = await self._read(name)
-        self.seen(name, annotations)
+        self.seen(name, annotations, watched=False)
         return self._bindings[name]
 
     def project_allowed(self, project: str) -> bool:
