@@ -210,6 +210,17 @@ def refused_at_admission(c: Cluster, namespace: str, body: dict[str, Any]) -> st
     return wait_for(refused, DEADLINE, interval=1.0, message="refused at admission")
 
 
+def admitted(c: Cluster, namespace: str, body: dict[str, Any]) -> None:
+    """Apply, retrying while admission still refuses (the apiserver sees namespace label and
+    annotation changes through an informer: a moment late)."""
+    wait_for(
+        lambda: apply(c, namespace, body, check=False).returncode == 0,
+        DEADLINE,
+        interval=1.0,
+        message=f"{body['metadata']['name']} admitted in {namespace}",
+    )
+
+
 def unlabel(c: Cluster, namespace: str) -> None:
     c.plane.kubectl("label", "namespace", namespace, f"{SELECTOR}-")
 
@@ -265,7 +276,7 @@ def test_the_controller_refuses_what_admission_did_not_see(cluster: Cluster) -> 
     admin.put_service(PROJECT_B, REGION, "svc-b2", env={"KEEP": "1"}, principal="deployer@x.com")
     unlabel(c, c.ns_a)
     try:
-        apply(c, c.ns_a, orchestrator("sneaky", PROJECT_B, "svc-b2"))
+        admitted(c, c.ns_a, orchestrator("sneaky", PROJECT_B, "svc-b2"))
     finally:
         relabel(c, c.ns_a)
     cond = wait_ready(c, c.ns_a, "sneaky", "False", "ProjectNotAllowed")
@@ -302,7 +313,7 @@ def test_a_tenant_account_cannot_touch_the_other_project_even_if_the_controller_
         "--overwrite",
     )
     try:
-        apply(c, c.ns_a, orchestrator("tries", PROJECT_B, "svc-b3"))
+        admitted(c, c.ns_a, orchestrator("tries", PROJECT_B, "svc-b3"))
         cond = wait_ready(c, c.ns_a, "tries", "False", "PermissionDenied")
         assert PROJECT_B in cond["message"]
     finally:
@@ -330,7 +341,7 @@ def test_public_invokers_need_the_namespace_annotation(cluster: Cluster) -> None
 
     unlabel(c, c.ns_a)
     try:
-        apply(c, c.ns_a, public)
+        admitted(c, c.ns_a, public)
     finally:
         relabel(c, c.ns_a)
     cond = wait_ready(c, c.ns_a, "public", "False", "PublicInvokerRefused")
@@ -355,12 +366,7 @@ def test_public_invokers_need_the_namespace_annotation(cluster: Cluster) -> None
             invokers={"members": ["allUsers", "allAuthenticatedUsers"]},
             policy={"allowPublicInvokers": True},
         )
-        wait_for(
-            lambda: apply(c, c.ns_a, changed, check=False).returncode == 0,
-            DEADLINE,
-            interval=1.0,
-            message="admitted with the annotation",
-        )
+        admitted(c, c.ns_a, changed)
     finally:
         c.plane.kubectl(
             "annotate", "namespace", c.ns_a, "runwarden.dev/allow-public-invokers-", "--overwrite"
