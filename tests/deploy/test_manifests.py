@@ -139,10 +139,10 @@ def test_deployment_runs_one_controller_at_a_time(deployment, container):
     assert container["args"] == [
         "--all-namespaces",
         "--standalone",
-        "--namespace-binding=required",
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=9090",
         "--log-format=json",
+        "--namespace-binding=required",
     ]
     selector = deployment["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
