@@ -187,3 +187,21 @@ class AdminClient:
 
     def clear_quota(self) -> None:
         self._call("DELETE", "/admin/quota")
+
+    def set_grants(self, principal: str, projects: list[str]) -> dict[str, Any]:
+        """Hold ``principal`` to these projects (any other: PERMISSION_DENIED)."""
+        body = {"principal": principal, "projects": projects}
+        return self._call("PUT", "/admin/grants", body)  # type: ignore[no-any-return]
+
+    def grants(self) -> dict[str, Any]:
+        """``grants``, ``tokenLifetimeSeconds`` and ``tokensIssued`` (per account)."""
+        return self._call("GET", "/admin/grants")  # type: ignore[no-any-return]
+
+    def clear_grants(self) -> None:
+        """No grants (every principal may touch every project); full token lifetimes."""
+        self._call("DELETE", "/admin/grants")
+
+    def set_token_lifetime(self, seconds: int) -> dict[str, Any]:
+        """Issue impersonation tokens living at most this long."""
+        body = {"lifetimeSeconds": seconds}
+        return self._call("PUT", "/admin/tokens", body)  # type: ignore[no-any-return]

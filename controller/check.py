@@ -20,9 +20,12 @@ from controller.audit.listener import AuditListener
 from controller.domain import spec
 from controller.domain.model import Desired, Event, Failure, Mode, Reason, Retry, StatusUpdate
 from controller.domain.outcome import failed
+from controller.domain.tenancy import refusal
 from controller.gcp.budget import Pacer
 from controller.gcp.gateway import Gateway
+from controller.gcp.identity import Gateways
 from controller.kube import status_patch as status
+from controller.kube.namespaces import NamespaceBindings
 from controller.obs import logs, metrics
 from controller.schedule.drift_loop import DriftLoop
 from controller.settings import Settings
@@ -41,11 +44,11 @@ async def check(
 ) -> dict[str, Any]:
     """One drift check of one Orchestrator: its status patch (empty: nothing to write).
 
-    ``memo`` carries the process's collaborators (config, gateway, pacer, audit listener);
-    ``post_event`` posts an Event on the object (the operator layer owns Kubernetes Events).
+    ``memo`` carries the process's collaborators (config, gateways, namespace bindings, pacer,
+    audit listener); ``post_event`` posts an Event on the object (the operator layer owns
+    Kubernetes Events).
     """
     config: Settings = memo.config
-    gateway: Gateway = memo.gateway
     # A consistent snapshot: the live body may change while we await Google. kopf replaces the
     # live body's source with each watch event's freshly decoded object and never changes a
     # delivered one in place, so the status dict taken now stays as it is (and is only read).
@@ -58,12 +61,22 @@ async def check(
     resync = config.resync_override or DEFAULT_RESYNC
     period = resync
     desired: Desired | None = None
+    gateway: Gateway | Failure | None = None
     if isinstance(parsed, spec.InvalidSpec):
         update = failed(Failure(parsed.reason, parsed.message, Retry.SPEC_CHANGE), ())
     else:
-        desired = parsed
+        resync = parsed.policy.resync_seconds
+        gateway = await gateway_for(memo, loop.key[0], parsed)
+        if isinstance(gateway, Failure):
+            # Refused by the namespace's binding: no Google call at all, and no audit wake-ups
+            # for this service (the audit feed finds loops by their ref).
+            loop.ref = None
+            memo.pacer.forget(loop.key)
+            update = failed(gateway, (Event("Warning", gateway.reason, gateway.message),))
+        else:
+            desired = parsed
+    if desired is not None and isinstance(gateway, Gateway):
         loop.ref = desired.ref
-        resync = desired.policy.resync_seconds
         # The region's read budget may not afford every resync: check less often, evenly.
         pacer: Pacer = memo.pacer
         pacer.enroll(loop.key, desired.ref.region, resync)
@@ -131,6 +144,34 @@ async def check(
     else:
         ref_log.debug("check", **fields)
     return status_patch
+
+
+async def gateway_for(memo: Any, namespace: str, desired: Desired) -> Gateway | Failure:
+    """The gateway acting as the namespace's Google identity, or why the namespace's binding
+    refuses this Orchestrator (controller.domain.tenancy). Without bindings in ``memo`` (a
+    caller that wires none), the process's own gateway."""
+    bindings: NamespaceBindings | None = memo.get("namespaces")
+    gateways: Gateways | None = memo.get("gateways")
+    if bindings is None or gateways is None:
+        default: Gateway = memo.gateway
+        return default
+    try:
+        binding = await bindings.get(namespace)
+    except Exception as exc:  # the apiserver is away: like any outage, retried with backoff
+        return Failure(
+            Reason.UNAVAILABLE,
+            f"cannot read namespace {namespace} for its binding: {type(exc).__name__}",
+            Retry.TRANSIENT,
+        )
+    refused = refusal(binding, desired, bindings.mode)
+    if refused is not None:
+        return refused
+    account = binding.service_account
+    if account is not None:
+        listener: AuditListener | None = memo.get("audit")
+        if listener is not None:  # its writes as the tenant are Runwarden's own
+            listener.router.own.add_identity(account)
+    return gateways.for_account(account)
 
 
 def ref_of(loop: DriftLoop) -> dict[str, str]:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from controller.domain.tenancy import BindingMode
 from controller.gcp.budget import MIN_PER_MINUTE
 from controller.gcp.clients import TRANSPORTS
 
@@ -27,6 +28,8 @@ ENV_POD_NAME = "POD_NAME"
 DEFAULT_STATUS_HEARTBEAT = 300.0
 DEFAULT_LEASE_NAMESPACE = "runwarden-system"
 LEASE_NAME = "runwarden"
+ENV_NAMESPACE_BINDING = "RUNWARDEN_NAMESPACE_BINDING"
+ENV_IAM_CREDENTIALS_ENDPOINT = "RUNWARDEN_IAM_CREDENTIALS_ENDPOINT"
 # Per-region Cloud Run Admin API budgets: conservative, below Google's default per-region quotas,
 # leaving room for other clients of the same quota (deploys, gcloud, consoles).
 DEFAULT_READS_PER_MINUTE = 600
@@ -67,6 +70,9 @@ class Settings:
     lease_seconds: float = 10.0
     # A label selector (kubectl syntax): serve only the Orchestrators it matches ("" = all).
     selector: str = ""
+    # Tenancy (controller.domain.tenancy): namespaces bound to projects and Google identities.
+    namespace_binding: BindingMode = BindingMode.OPTIONAL
+    iam_credentials_endpoint: str | None = None  # None = Google's; the emulator's admin URL
 
     @classmethod
     def from_cli(
@@ -155,6 +161,13 @@ class Settings:
             parser.error(f"--selector: {exc}")
         if threshold < 0 or not window > 0 or args.audit_debounce < 0:
             parser.error("--fight-threshold and --audit-debounce must be >= 0, --fight-window > 0")
+        raw_binding = args.namespace_binding or environ.get(ENV_NAMESPACE_BINDING, "").strip()
+        try:
+            binding = BindingMode(raw_binding or BindingMode.OPTIONAL)
+        except ValueError:
+            parser.error(
+                f"--namespace-binding / {ENV_NAMESPACE_BINDING} must be required or optional"
+            )
         return cls(
             namespaces=tuple(args.namespace or ()),
             all_namespaces=args.all_namespaces or not args.namespace,
@@ -179,6 +192,10 @@ class Settings:
             leader_election_name=args.leader_election_name,
             lease_seconds=args.leader_election_lease_seconds,
             selector=selector.strip(),
+            namespace_binding=binding,
+            iam_credentials_endpoint=args.iam_credentials_endpoint
+            or environ.get(ENV_IAM_CREDENTIALS_ENDPOINT, "").strip()
+            or None,
         )
 
 
@@ -279,6 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="lease duration (default 10): a standby takes over this long after the holder's "
         "last renewal; the holder renews every duration/5 and stops writing when it cannot "
         "renew within it",
+    )
+    tenancy = parser.add_argument_group(
+        "Tenancy (namespace annotations runwarden.dev/projects, runwarden.dev/google-service-"
+        "account, runwarden.dev/allow-public-invokers; docs/install.md)"
+    )
+    tenancy.add_argument(
+        "--namespace-binding",
+        choices=[m.value for m in BindingMode],
+        help="required: an Orchestrator whose project its namespace's runwarden.dev/projects "
+        "does not list is refused (ProjectNotAllowed); optional (default): only namespaces "
+        f"with that annotation are held to it; env {ENV_NAMESPACE_BINDING}",
+    )
+    tenancy.add_argument(
+        "--iam-credentials-endpoint",
+        metavar="URL",
+        help="base URL of the IAM Credentials API used to impersonate namespaces' service "
+        "accounts (default Google's; with an emulator its admin URL); env "
+        f"{ENV_IAM_CREDENTIALS_ENDPOINT}",
     )
     budget = parser.add_argument_group(
         "Cloud Run Admin API budgets (per region; checks slow down to stay within them)"

@@ -17,13 +17,15 @@ from .iam import Policies
 from .operations import Operations
 from .revisions import Revisions
 from .services import Services
+from .tokens import Credentials
 
 __all__ = ["Store"]
 
 
 class Store:
     """The parts, wired together: `services`, `policies`, `operations`, `accounts`, `revisions`
-    (rollouts and the failNextRevision fault), over one `directory` of services by name."""
+    (rollouts and the failNextRevision fault), `credentials` (impersonation tokens and project
+    grants), over one `directory` of services by name."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class Store:
     ) -> None:
         emit = emitter(audit)
         self.accounts = ServiceAccounts()
+        self.credentials = Credentials(self.accounts)
         self.directory = Directory(self.accounts)
         self.operations = Operations()
         self.revisions = Revisions(

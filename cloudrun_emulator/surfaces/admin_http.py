@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -148,6 +149,55 @@ class Admin:
         self.controls.quota = Quota()
         return _json(self.controls.quota.as_json())
 
+    # IAM Credentials over REST, the way google-auth's impersonated_credentials calls it
+    # (POST .../v1/projects/-/serviceAccounts/{email}:generateAccessToken, JSON body
+    # {"scope": [...], "lifetime": "3600s"}; reply {"accessToken", "expireTime"} with the time as
+    # RFC 3339 in UTC without fractions, which google-auth parses with "%Y-%m-%dT%H:%M:%SZ").
+    async def generate_access_token(self, request: web.Request) -> web.Response:
+        account, _, verb = request.match_info["account"].partition(":")
+        if verb != "generateAccessToken":
+            return _error(404, f"no such method: {request.path}")
+        body = await _body(request, required=False)
+        raw = str(body.get("lifetime") or "")
+        try:
+            lifetime = float(raw.removesuffix("s")) if raw else None
+        except ValueError as exc:
+            raise invalid(f"Invalid value for field 'lifetime': {raw!r}") from exc
+        name = f"projects/{request.match_info['project']}/serviceAccounts/{account}"
+        token, expires = self.store.credentials.generate(name, lifetime)
+        log.info("access_token_generated name=%s (REST)", name)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+        return _json({"accessToken": token, "expireTime": stamp})
+
+    async def put_grants(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        projects = body.get("projects")
+        if not isinstance(projects, list) or not all(isinstance(p, str) for p in projects):
+            raise invalid("'projects' must be a list of project ids")
+        self.store.credentials.set_grants(body.get("principal"), projects)  # type: ignore[arg-type]
+        return await self.get_grants(request)
+
+    async def get_grants(self, request: web.Request) -> web.Response:
+        creds = self.store.credentials
+        return _json(
+            {
+                "grants": {p: sorted(v) for p, v in creds.grants.items()},
+                "tokenLifetimeSeconds": creds.lifetime_cap,
+                "tokensIssued": dict(creds.issued),
+            }
+        )
+
+    async def delete_grants(self, request: web.Request) -> web.Response:
+        self.store.credentials.clear()
+        return await self.get_grants(request)
+
+    async def put_token_lifetime(self, request: web.Request) -> web.Response:
+        seconds = (await _body(request)).get("lifetimeSeconds")
+        if not isinstance(seconds, int) or seconds <= 0:
+            raise invalid("'lifetimeSeconds' must be a positive whole number")
+        self.store.credentials.lifetime_cap = seconds
+        return await self.get_grants(request)
+
 
 def make_app(store: Store, controls: Controls) -> web.Application:
     a = Admin(store, controls)
@@ -172,6 +222,11 @@ def make_app(store: Store, controls: Controls) -> web.Application:
             web.get("/admin/quota", a.get_quota),
             web.put("/admin/quota", a.put_quota),
             web.delete("/admin/quota", a.delete_quota),
+            web.get("/admin/grants", a.get_grants),
+            web.put("/admin/grants", a.put_grants),
+            web.delete("/admin/grants", a.delete_grants),
+            web.put("/admin/tokens", a.put_token_lifetime),
+            web.post("/v1/projects/{project}/serviceAccounts/{account}", a.generate_access_token),
         ]
     )
     return app

@@ -9,12 +9,14 @@ are served from a cached serialization.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.cloud import iam_admin_v1, run_v2
+from google.cloud import iam_admin_v1, iam_credentials_v1, run_v2
 from google.iam.v1 import iam_policy_pb2
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
@@ -32,6 +34,10 @@ PRINCIPAL_HEADER = "x-emulator-principal"
 RUN = "google.cloud.run.v2.Services"
 OPS = "google.longrunning.Operations"
 IAM = "google.iam.admin.v1.IAM"
+IAM_CREDENTIALS = "google.iam.credentials.v1.IAMCredentials"
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default=DEFAULT_PRINCIPAL)
+# A resource name's project: every Cloud Run and operation name starts projects/{project}/.
+_PROJECT_OF_NAME = re.compile(r"^projects/([^/]+)/")
 
 
 class _Malformed:
@@ -58,10 +64,33 @@ def _serialize(message: Any) -> bytes:
 
 
 def _principal(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == PRINCIPAL_HEADER and isinstance(value, str) and value:
+    """Who makes the call (set by _wrap): an impersonated account whose token the call presents,
+    else the x-emulator-principal metadata, else the default."""
+    return _CALLER.get()
+
+
+def caller(store: Store, metadata: Any) -> str:
+    """The principal of a call from its metadata (see _principal)."""
+    header = DEFAULT_PRINCIPAL
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            account = store.credentials.principal_of(value[len("Bearer ") :].strip())
+            if account is not None:
+                return account
+        elif key == PRINCIPAL_HEADER and isinstance(value, str) and value:
+            header = value
+    return header
+
+
+def _resource_of(request: Any) -> str | None:
+    """The resource a request names (name, parent, resource, or service.name)."""
+    for field in ("name", "parent", "resource"):
+        value = getattr(request, field, None)
+        if isinstance(value, str) and value:
             return value
-    return DEFAULT_PRINCIPAL
+    service = getattr(request, "service", None)
+    value = getattr(service, "name", None)
+    return value if isinstance(value, str) and value else None
 
 
 class Api:
@@ -136,6 +165,15 @@ class Api:
     def list_service_accounts(self, req: Any, ctx: Any) -> Any:
         return self.store.accounts.list_page(req.name, req.page_size, req.page_token)
 
+    # google.iam.credentials.v1.IAMCredentials
+    def generate_access_token(self, req: Any, ctx: Any) -> Any:
+        lifetime = req.lifetime.seconds if req.HasField("lifetime") else None
+        token, expires = self.store.credentials.generate(req.name, lifetime)
+        resp = iam_credentials_v1.GenerateAccessTokenResponse.pb()(access_token=token)
+        resp.expire_time.FromSeconds(int(expires))
+        log.info("access_token_generated name=%s caller=%s", req.name, _principal(ctx))
+        return resp
+
 
 def _methods(api: Api) -> dict[str, dict[str, tuple[Callable[..., Any], Any, bool]]]:
     """service -> method -> (implementation, request class, is_async)."""
@@ -159,6 +197,13 @@ def _methods(api: Api) -> dict[str, dict[str, tuple[Callable[..., Any], Any, boo
             "WaitOperation": (api.wait_operation, operations_pb2.WaitOperationRequest, True),
             "DeleteOperation": (api.delete_operation, operations_pb2.DeleteOperationRequest, False),
         },
+        IAM_CREDENTIALS: {
+            "GenerateAccessToken": (
+                api.generate_access_token,
+                iam_credentials_v1.GenerateAccessTokenRequest.pb(),
+                False,
+            ),
+        },
         IAM: {
             "GetServiceAccount": (
                 api.get_service_account,
@@ -175,15 +220,19 @@ def _methods(api: Api) -> dict[str, dict[str, tuple[Callable[..., Any], Any, boo
 
 
 def _wrap(
-    full_name: str, impl: Callable[..., Any], is_async: bool, controls: Controls
+    full_name: str, impl: Callable[..., Any], is_async: bool, controls: Controls, store: Store
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    """Count the call, apply faults and quota, translate ApiError into a gRPC status."""
+    """Count the call, apply faults and quota, find the caller and hold it to its project grants
+    (store.credentials), translate ApiError into a gRPC status."""
     calls = controls.calls
     by_principal = controls.calls_by_principal
+    granted = full_name.startswith((RUN, OPS))  # grants are about projects' Cloud Run resources
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        principal = caller(store, context.invocation_metadata())
+        _CALLER.set(principal)  # each call runs in its own task: its own context
         calls[full_name] = calls.get(full_name, 0) + 1
-        mine = by_principal.setdefault(_principal(context), {})
+        mine = by_principal.setdefault(principal, {})
         mine[full_name] = mine.get(full_name, 0) + 1
         try:
             if request is MALFORMED:
@@ -198,6 +247,10 @@ def _wrap(
                     raise error
             if controls.quota.active:
                 controls.quota.check(full_name)
+            if granted and store.credentials.grants:
+                resource = _resource_of(request) or ""
+                m = _PROJECT_OF_NAME.match(resource)
+                store.credentials.check(principal, m.group(1) if m else None, resource)
             if is_async:
                 return await impl(request, context)
             return impl(request, context)
@@ -217,7 +270,7 @@ def generic_handlers(store: Store, controls: Controls) -> list[grpc.GenericRpcHa
         table = {}
         for method, (impl, request_cls, is_async) in methods.items():
             table[method] = grpc.unary_unary_rpc_method_handler(
-                _wrap(f"{service}/{method}", impl, is_async, controls),
+                _wrap(f"{service}/{method}", impl, is_async, controls, store),
                 request_deserializer=_deserializer(request_cls),
                 response_serializer=_serialize,
             )

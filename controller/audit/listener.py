@@ -193,6 +193,7 @@ async def start(
     last_write: Callable[[ServiceRef], WriteRecord | None],
     wake: Callable[[ServiceRef, str], int],
     fight_policy: FightPolicy | None = None,
+    project_allowed: Callable[[str], bool] | None = None,
 ) -> AuditListener:
     """Build and start the listener (on the running event loop). ``wake`` wakes the drift loops
     of a service (how many it woke); ``last_write`` is what Runwarden last wrote to it."""
@@ -203,6 +204,7 @@ async def start(
         debounce=debounce,
         last_write=last_write,
         wake=wake,
+        project_allowed=project_allowed,
     )
     listener = AuditListener(subscription, router)
     await listener.start()

@@ -32,6 +32,9 @@ class OwnWrites:
 
     principal: str | None  # Runwarden's identity; None = unknown (every entry is foreign)
     keep_etags: int = 16
+    # The tenant accounts Runwarden impersonates (controller.gcp.identity): its writes as them
+    # are its own too.
+    impersonated: set[str] = field(default_factory=set)
     _generation: dict[ServiceRef, int] = field(default_factory=dict)
     _etags: dict[ServiceRef, deque[bytes]] = field(default_factory=dict)
 
@@ -50,6 +53,10 @@ class OwnWrites:
             if wrote.iam_etag not in etags:
                 etags.append(wrote.iam_etag)
 
+    def add_identity(self, principal: str) -> None:
+        """An account Runwarden acts as (impersonation): its entries may be Runwarden's own."""
+        self.impersonated.add(normalize_principal(principal))
+
     def forget(self, ref: ServiceRef) -> None:
         self._generation.pop(ref, None)
         self._etags.pop(ref, None)
@@ -58,7 +65,8 @@ class OwnWrites:
         """Own only when the identity is Runwarden's AND the write is not newer than what it
         recorded; its identity with a newer write is UNCONFIRMED (the record may still come:
         the entry can arrive before the reconcile that wrote it has finished)."""
-        if self.principal is None or normalize_principal(entry.principal) != self.principal:
+        who = normalize_principal(entry.principal)
+        if (self.principal is None or who != self.principal) and who not in self.impersonated:
             return Origin.FOREIGN
         if entry.method not in OWN_CAPABLE:
             return Origin.FOREIGN

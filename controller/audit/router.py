@@ -49,6 +49,7 @@ class AuditRouter:
         last_write: Callable[[ServiceRef], WriteRecord | None],
         wake: Callable[[ServiceRef, str], int],
         clock: Callable[[], float] = time.time,
+        project_allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.own = own
         self.fights = fights or FightDetector()
@@ -56,6 +57,9 @@ class AuditRouter:
         self._last_write = last_write
         self._wake = wake
         self._clock = clock
+        # Tenancy (controller.domain.tenancy): whether any namespace may touch a project. An
+        # entry for a project none may touch wakes nothing, whoever's loop claims the service.
+        self._project_allowed = project_allowed
         self._batches: dict[ServiceRef, _Batch] = {}
         self._since: dict[ServiceRef, float] = {}  # earliest foreign write not yet checked
         self._inflight: dict[ServiceRef, float] = {}  # ... taken by the running check
@@ -73,6 +77,10 @@ class AuditRouter:
                 log.debug("audit_entry_ignored", why=parsed.why)
             return
         entry = parsed
+        if self._project_allowed is not None and not self._project_allowed(entry.ref.project):
+            self._count(Result.UNMATCHED)
+            log.debug("audit_entry_unbound", service=str(entry.ref), method=entry.short_method)
+            return
         recorded = self._last_write(entry.ref)
         if recorded is None:  # no Orchestrator here manages this service (yet)
             self._count(Result.UNMATCHED)

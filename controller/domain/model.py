@@ -301,6 +301,7 @@ class Reason(enum.StrEnum):
     INVALID_SPEC = "InvalidSpec"
     PUBLIC_INVOKER_REFUSED = "PublicInvokerRefused"
     ALREADY_EXISTS = "AlreadyExists"  # Cloud Run refused a write: that name exists already
+    PROJECT_NOT_ALLOWED = "ProjectNotAllowed"  # the namespace's binding does not list the project
     CONFLICT = "Conflict"  # someone else wrote in between; retried shortly
     INTERNAL_ERROR = "InternalError"  # a bug in Runwarden; retried with backoff
     PROGRESSING = "Progressing"

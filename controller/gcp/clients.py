@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 import google.auth
+import google.auth.exceptions
 import grpc
 import requests
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials, Credentials
+from google.auth.transport import requests as google_requests
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud import iam_admin_v1, run_v2
 from google.cloud.iam_admin_v1.services.iam.transports.grpc_asyncio import IAMGrpcAsyncIOTransport
@@ -121,34 +123,72 @@ class Clients:
         await self.close()
 
 
-def _insecure_channel(host: str, **kwargs: Any) -> grpc.aio.Channel:
-    """Channel factory for the transports: plaintext, credentials ignored (emulator only)."""
-    return grpc.aio.insecure_channel(host, options=kwargs.get("options"))
+class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends ``credentials``' access token on a plaintext channel (to an emulator), refreshing it
+    the way google-auth's gRPC plugin does for Google: when it is missing or within google-auth's
+    refresh threshold of its expiry (``Credentials.valid``), before the call."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+        self._lock = asyncio.Lock()
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        if not self._credentials.valid:
+            async with self._lock:
+                if not self._credentials.valid:
+                    # The refresh is a blocking HTTP call (IAM Credentials GenerateAccessToken).
+                    try:
+                        await asyncio.to_thread(
+                            self._credentials.refresh, google_requests.Request()
+                        )
+                    except google.auth.exceptions.RefreshError as exc:
+                        # A PermissionDenied like Google's: the check reports PermissionDenied.
+                        message = f"impersonation failed: {exc}"
+                        raise gexc.PermissionDenied(message) from exc  # type: ignore[no-untyped-call]
+        metadata = [*(client_call_details.metadata or ())]
+        metadata.append(("authorization", f"Bearer {self._credentials.token}"))
+        return await continuation(client_call_details._replace(metadata=metadata), request)
 
 
-def make_clients(endpoint: str | None, transport: str = "grpc") -> Clients:
+def _insecure_channel(
+    host: str, bearer: Credentials | None = None, **kwargs: Any
+) -> grpc.aio.Channel:
+    """Channel factory for the transports: plaintext (emulator only), the transport's own
+    ``credentials`` ignored; with ``bearer`` (an impersonated identity) each call carries its
+    access token."""
+    interceptors = [_BearerToken(bearer)] if bearer is not None else None
+    return grpc.aio.insecure_channel(host, options=kwargs.get("options"), interceptors=interceptors)
+
+
+def make_clients(
+    endpoint: str | None, transport: str = "grpc", credentials: Credentials | None = None
+) -> Clients:
     """Build both clients for ``transport`` ("grpc" or "rest"). ``endpoint`` means a local
-    emulator without credentials: "HOST:PORT" for grpc, "http://HOST:PORT" (its REST port) for
-    rest; None means Google with Application Default Credentials. Call inside a running event
+    emulator: "HOST:PORT" for grpc, "http://HOST:PORT" (its REST port) for rest; None means
+    Google. ``credentials`` None: Application Default Credentials (the emulator: none), else these
+    (an impersonated tenant identity, controller.gcp.identity). Call inside a running event
     loop."""
     if transport == "rest":
-        return _make_rest_clients(endpoint)
+        return _make_rest_clients(endpoint, credentials)
     if transport != "grpc":
         raise ValueError(f"--gcp-transport must be one of {', '.join(TRANSPORTS)}, not {transport}")
     if not endpoint:
-        run = run_v2.ServicesAsyncClient()
-        iam = iam_admin_v1.IAMAsyncClient()
+        run = run_v2.ServicesAsyncClient(credentials=credentials)
+        iam = iam_admin_v1.IAMAsyncClient(credentials=credentials)
     else:
         options = ClientOptions(api_endpoint=endpoint)
+        channel = functools.partial(_insecure_channel, bearer=credentials)
         run = run_v2.ServicesAsyncClient(
             credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             client_options=options,
-            transport=functools.partial(ServicesGrpcAsyncIOTransport, channel=_insecure_channel),
+            transport=functools.partial(ServicesGrpcAsyncIOTransport, channel=channel),
         )
         iam = iam_admin_v1.IAMAsyncClient(
             credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             client_options=options,
-            transport=functools.partial(IAMGrpcAsyncIOTransport, channel=_insecure_channel),
+            transport=functools.partial(IAMGrpcAsyncIOTransport, channel=channel),
         )
     closers = [cast(_Closable, run.transport).close, cast(_Closable, iam.transport).close]
     return Clients(run=run, iam=iam, endpoint=endpoint, transport="grpc", closers=closers)
@@ -157,7 +197,9 @@ def make_clients(endpoint: str | None, transport: str = "grpc") -> Clients:
 # ---------------------------------------------------------------------- REST
 
 
-def _make_rest_clients(endpoint: str | None) -> Clients:
+def _make_rest_clients(endpoint: str | None, tenant: Credentials | None = None) -> Clients:
+    """The REST clients; ``tenant``: an impersonated identity's credentials (the emulator's REST
+    surface does not attribute calls to such a token yet: only its gRPC surface does)."""
     executor = ThreadPoolExecutor(_REST_THREADS, thread_name_prefix="gcp-rest")
     credentials: Credentials
     if endpoint:
@@ -166,7 +208,7 @@ def _make_rest_clients(endpoint: str | None) -> Clients:
                 "--gcp-endpoint must be the emulator's REST URL (http://HOST:PORT) with "
                 f"--gcp-transport rest, not {endpoint}"
             )
-        credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        credentials = tenant or AnonymousCredentials()  # type: ignore[no-untyped-call]
         sync_run = run_v2.ServicesClient(
             credentials=credentials,
             client_options=ClientOptions(api_endpoint=endpoint),
@@ -174,8 +216,11 @@ def _make_rest_clients(endpoint: str | None) -> Clients:
         )
         iam_base = endpoint.rstrip("/")
     else:
-        sync_run = run_v2.ServicesClient(transport="rest")
-        credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+        if tenant is not None:
+            credentials = tenant
+        else:
+            credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+        sync_run = run_v2.ServicesClient(credentials=credentials, transport="rest")
         iam_base = IAM_REST_ENDPOINT
     session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
     run = _RestRun(sync_run, executor)

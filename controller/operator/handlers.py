@@ -42,15 +42,16 @@ from controller import reconcile
 from controller.audit import listener as audit_listener
 from controller.audit.fights import FightPolicy
 from controller.audit.listener import AuditListener
-from controller.check import DEFAULT_RESYNC, check, log, ref_of
+from controller.check import DEFAULT_RESYNC, check, gateway_for, log, ref_of
 from controller.domain import spec
 from controller.domain.model import DeletionPolicy, Desired, Event, Failure, Reason, Retry
 from controller.gcp.budget import Pacer
-from controller.gcp.clients import Clients, make_clients
 from controller.gcp.errors import GatewayError
 from controller.gcp.gateway import Gateway
+from controller.gcp.identity import Gateways
 from controller.kube import crd_gate, status_patch, status_writer
 from controller.kube.lease import Lease
+from controller.kube.namespaces import NamespaceBindings
 from controller.obs import metrics
 from controller.operator.login import connect, login
 from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
@@ -63,6 +64,7 @@ __all__ = [
     "deleted",
     "drift_loop",
     "login",
+    "namespace_event",
     "run",
     "spec_changed",
     "startup",
@@ -175,18 +177,25 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # (posting.enabled=False would also silence kopf.event(), which posts ours.)
     settings.posting.level = logging.CRITICAL
     settings.posting.reporting_component = "runwarden"  # the "From" of our Events
-    clients = make_clients(config.gcp_endpoint, config.gcp_transport)
-    memo.clients = clients
     memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
     lease: Lease | None = memo.get("lease")
-    # With the emulator, name our identity on writes as its audit entries will show it.
+    # With the emulator, name our identity on writes as its audit entries will show it (a
+    # tenant's impersonated token names the tenant's account instead: the emulator prefers it).
     principal = config.own_principal if config.gcp_endpoint else None
-    memo.gateway = Gateway(
-        clients,
-        pacer=memo.pacer,
-        fence=lease.remaining if lease is not None else None,
-        write_metadata=((PRINCIPAL_METADATA, principal),) if principal else (),
+    gateways = Gateways(
+        config.gcp_endpoint,
+        memo.pacer,
+        transport=config.gcp_transport,
+        iam_credentials_endpoint=config.iam_credentials_endpoint,
+        gateway_options={
+            # Leader election: every Google write first checks the Lease is still held.
+            "fence": lease.remaining if lease is not None else None,
+            "write_metadata": ((PRINCIPAL_METADATA, principal),) if principal else (),
+        },
     )
+    memo.gateways = gateways
+    memo.gateway = gateways.default
+    memo.namespaces = NamespaceBindings(connect, config.namespace_binding)
     memo.status_writer = status_writer.StatusWriter(connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
@@ -199,6 +208,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             last_write=REGISTRY.last_write,
             wake=REGISTRY.wake_service,
             fight_policy=FightPolicy(threshold=config.fight_threshold, window=config.fight_window),
+            project_allowed=memo.namespaces.project_allowed,
         )
     log.info(
         "started",
@@ -213,6 +223,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         status_heartbeat=config.status_heartbeat,
         selector=config.selector or None,
         leader=lease.identity if lease is not None else None,
+        namespace_binding=str(config.namespace_binding),
     )
 
 
@@ -221,9 +232,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     listener: AuditListener | None = memo.get("audit")
     if listener is not None:
         await listener.stop()
-    clients: Clients | None = memo.get("clients")
-    if clients is not None:
-        await clients.close()
+    gateways: Gateways | None = memo.get("gateways")
+    if gateways is not None:
+        await gateways.close()
+    namespaces: NamespaceBindings | None = memo.get("namespaces")
+    if namespaces is not None:
+        await namespaces.close()
     writer: status_writer.StatusWriter | None = memo.get("status_writer")
     if writer is not None:
         await writer.close()
@@ -245,6 +259,26 @@ async def spec_changed(
     per watch event, i.e. per check, for nothing: a label change is a seen generation.)"""
     generation = int(body.metadata.get("generation") or 0) or None
     REGISTRY.loop(namespace or "", name).wake(f"spec-{reason}", generation=generation)
+
+
+# ---------------------------------------------------------------------- namespace bindings
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def namespace_event(
+    event: Mapping[str, Any], name: str, annotations: Mapping[str, str], memo: Any, **_: Any
+) -> None:
+    """Keep namespace bindings current (controller.kube.namespaces); a changed binding wakes its
+    namespace's Orchestrators, so it takes effect at once, without a restart."""
+    bindings: NamespaceBindings | None = memo.get("namespaces")
+    if bindings is None:
+        return
+    if event.get("type") == "DELETED":
+        bindings.gone(name)
+        return
+    if bindings.seen(name, annotations):
+        for loop in REGISTRY.in_namespace(name):
+            loop.wake("namespace-binding")
 
 
 # ---------------------------------------------------------------------- the drift loop
@@ -368,7 +402,11 @@ async def deleted(
             return
         container = raw_spec.get("service", {}).get("container") or ""
         target = Desired(ref=ref, container=container, role=spec.parse_role(raw_spec))
-        gateway: Gateway = memo.gateway
+        gateway = await gateway_for(memo, namespace, target)
+        if not isinstance(gateway, Gateway):  # the binding refuses it: touch nothing
+            ref_log.warning("revoke_skipped", message=gateway.message)
+            kopf.event(body, type="Warning", reason=gateway.reason, message=gateway.message)
+            return
         try:
             removed = await reconcile.revoke(gateway, target, status_patch.managed_of(history))
         except GatewayError as exc:

@@ -171,6 +171,10 @@ class Registry:
         found.wake(reason)
         return True
 
+    def in_namespace(self, namespace: str) -> list[DriftLoop]:
+        """The loops of one namespace's Orchestrators."""
+        return [found for key, found in self._loops.items() if key[0] == namespace]
+
     def wake_service(self, ref: ServiceRef, reason: str = "wake") -> int:
         woken = 0
         for found in list(self._loops.values()):

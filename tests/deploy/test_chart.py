@@ -221,7 +221,26 @@ def test_the_controller_with_the_rendered_args_and_token_reaches_ready(
     objects = render()
     docs = "\n---\n".join(yaml.safe_dump(o) for o in objects)
     crds.kubectl("apply", "-f", "-", input=docs)
+    try:
+        _reaches_ready(crds, namespace, fresh_emulator, unique_name, tmp_path, objects)
+    finally:
+        # The admission policy's binding would refuse later tests' Orchestrators in the shared
+        # control plane (their namespaces are not bound to projects).
+        crds.kubectl(
+            "delete",
+            "validatingadmissionpolicybinding",
+            "runwarden-namespace-binding",
+            "--ignore-not-found",
+            check=False,
+        )
+
+
+def _reaches_ready(crds, namespace, fresh_emulator, unique_name, tmp_path, objects) -> None:
     project, region, service = "nba-props-platform", "us-west2", unique_name("chart")
+    # As the rendered args and the admission policy demand: the namespace is bound to it.
+    crds.kubectl(
+        "annotate", "namespace", namespace, f"runwarden.dev/projects={project}", "--overwrite"
+    )
     fresh_emulator.admin.put_service(project, region, service, env={"KEEP": "1"})
 
     health, metrics = _free_port(), _free_port()

@@ -60,6 +60,8 @@ def container(deployment) -> dict[str, Any]:
 def test_base_installs_exactly_the_controller(base):
     assert sorted(base) == [
         ("ClusterRole", "runwarden"),
+        ("ClusterRole", "runwarden-editor"),
+        ("ClusterRole", "runwarden-viewer"),
         ("ClusterRoleBinding", "runwarden"),
         ("CustomResourceDefinition", "orchestrators.runwarden.dev"),
         ("Deployment", "runwarden"),
@@ -68,6 +70,8 @@ def test_base_installs_exactly_the_controller(base):
         ("Role", "runwarden-leader-election"),
         ("RoleBinding", "runwarden-leader-election"),
         ("ServiceAccount", "runwarden"),
+        ("ValidatingAdmissionPolicy", "runwarden-namespace-binding"),
+        ("ValidatingAdmissionPolicyBinding", "runwarden-namespace-binding"),
     ]
     for (kind, _), obj in base.items():
         if kind in ("ServiceAccount", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding"):
@@ -128,6 +132,7 @@ def test_cluster_role_is_least_privilege(base):
         ("", "events", "patch"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
+        ("", "namespaces", "get"),
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
@@ -151,6 +156,7 @@ def test_deployment_runs_two_replicas_with_leader_election(deployment, container
         "--log-format=json",
         "--leader-election",
         "--leader-election-namespace=runwarden-system",
+        "--namespace-binding=required",
     ]
     # The identity is the pod's name (--leader-election-identity's default reads POD_NAME).
     [pod_name] = [e for e in container["env"] if e["name"] == "POD_NAME"]
@@ -299,6 +305,41 @@ def test_examples_are_the_three_pipeline_orchestrators(examples):
         assert env["GCP_PROJECT_ID"]["value"] == "nba-props-platform"
         assert env["SLACK_WEBHOOK_URL"]["secretKeyRef"]["secret"] == "slack-webhook"
         assert PUSH_SA in spec["invokers"]["members"]
+    [ns] = [o for o in examples if o["kind"] == "Namespace"]
+    # The shipped controller requires namespace binding: the examples' namespace is bound.
+    assert ns["metadata"]["annotations"]["runwarden.dev/projects"] == "nba-props-platform"
+
+
+def test_people_roles_aggregate_into_the_built_in_roles(base):
+    editor = base[("ClusterRole", "runwarden-editor")]
+    viewer = base[("ClusterRole", "runwarden-viewer")]
+    labels = editor["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    for role in (editor, viewer):
+        for rule in role["rules"]:
+            assert rule["apiGroups"] == ["runwarden.dev"], rule
+            assert "orchestrators/status" not in rule["resources"] or set(rule["verbs"]) <= {
+                "get",
+                "list",
+                "watch",
+            }, rule
+    assert {r for rule in editor["rules"] for r in rule["resources"]} == {"orchestrators"}
+
+
+def test_admission_policy_is_bound_and_denies(base):
+    policy = base[("ValidatingAdmissionPolicy", "runwarden-namespace-binding")]
+    binding = base[("ValidatingAdmissionPolicyBinding", "runwarden-namespace-binding")]
+    assert policy["apiVersion"] == "admissionregistration.k8s.io/v1"
+    assert binding["spec"] == {
+        "policyName": "runwarden-namespace-binding",
+        "validationActions": ["Deny"],
+    }
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    text = json.dumps(policy)
+    for annotation in ("runwarden.dev/projects", "runwarden.dev/allow-public-invokers"):
+        assert annotation in text
 
 
 def test_examples_pass_the_apiserver(crds, namespace, examples):

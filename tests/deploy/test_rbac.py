@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.fixtures.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SA = "system:serviceaccount:runwarden-system:runwarden"
+ADMISSION_BINDING = "runwarden-namespace-binding"
 
 # (verb, resource, extra kubectl args): what the controller must be able to do.
 ALLOWED = [
@@ -35,6 +37,7 @@ ALLOWED = [
     ("create", "events", ["-n", "pipeline"]),
     ("patch", "events", ["-n", "pipeline"]),
     ("create", "events.events.k8s.io", ["-n", "pipeline"]),
+    ("get", "namespaces", []),
     ("list", "namespaces", []),
     ("watch", "namespaces", []),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", []),
@@ -87,14 +90,24 @@ DENIED = [
 
 
 @pytest.fixture(scope="module")
-def installed(crds: ControlPlane) -> ControlPlane:
-    """`kubectl apply -k manifests/` on the session's control plane (pods never run: no kubelet)."""
+def installed(crds: ControlPlane) -> Iterator[ControlPlane]:
+    """`kubectl apply -k manifests/` on the session's control plane (pods never run: no kubelet).
+
+    Afterwards the admission policy's binding goes again: it would refuse the Orchestrators of
+    later tests in the shared control plane, whose namespaces are not bound to projects."""
     done = crds.kubectl("apply", "-k", str(REPO / "manifests"))
     assert "serviceaccount/runwarden" in done.stdout, done.stdout
     # The Namespace enforces the "restricted" Pod Security Standard; the apiserver checks the
     # Deployment's pod template against it and would warn here.
     assert "PodSecurity" not in done.stderr, done.stderr
-    return crds
+    yield crds
+    crds.kubectl(
+        "delete",
+        "validatingadmissionpolicybinding",
+        ADMISSION_BINDING,
+        "--ignore-not-found",
+        check=False,
+    )
 
 
 def test_apply_k_manifests_installs_everything(installed):
@@ -109,6 +122,10 @@ def test_apply_k_manifests_installs_everything(installed):
         ("poddisruptionbudget", "runwarden", "runwarden-system"),
         ("role", "runwarden-leader-election", "runwarden-system"),
         ("rolebinding", "runwarden-leader-election", "runwarden-system"),
+        ("clusterrole", "runwarden-editor", None),
+        ("clusterrole", "runwarden-viewer", None),
+        ("validatingadmissionpolicy", "runwarden-namespace-binding", None),
+        ("validatingadmissionpolicybinding", "runwarden-namespace-binding", None),
     ]:
         args = ["get", kind, name, "-o", "json"] + (["-n", namespace] if namespace else [])
         obj = json.loads(installed.kubectl(*args).stdout)
@@ -260,7 +277,16 @@ def test_controller_reconciles_to_ready_as_the_service_account(
         liveness=f"http://127.0.0.1:{health_port}/healthz",
         metrics_port=metrics_port,
         log_format="json",
-        extra_args=["--leader-election", "--leader-election-identity", "rbac-proof-replica"],
+        extra_args=[
+            "--leader-election",
+            "--leader-election-identity",
+            "rbac-proof-replica",
+            "--namespace-binding=required",  # as deployed
+        ],
+    )
+    # The namespace is bound to the project, as the admission policy and the controller demand.
+    installed.kubectl(
+        "annotate", "namespace", namespace, f"runwarden.dev/projects={project}", "--overwrite"
     )
     controller.start()
     try:

@@ -6,6 +6,7 @@ last test of the session scans everything once more, with the totals in the figu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +86,83 @@ def test_values_stay_out_of_logs_events_and_status(rig: Rig) -> None:
     )
 
     scan = canary.scan(rig.plane, [controller.log_path], [rig.ns])
+    assert scan.counts["log lines"] and scan.counts["events"] and scan.counts["statuses"] == 3
+    assert not scan.hits, scan.hits
+
+
+def test_values_stay_out_of_the_tenancy_paths(rig: Rig) -> None:
+    """Tenancy (--namespace-binding required, impersonation): a repair made as the namespace's
+    Google service account, an Orchestrator refused for its project (ProjectNotAllowed), one
+    refused for a public member (PublicInvokerRefused), and a failed impersonation after the
+    namespace's account changed to one that does not exist (PermissionDenied)."""
+    admin, canary, plane, ns = rig.admin, rig.canary, rig.plane, rig.ns
+    tenant = sa_email("tenant-runner")
+    admin.put_service_account(tenant)
+    admin.set_grants(tenant, [PROJECT])
+    enforce, elsewhere, public = rig.targets(3, "ten")
+    public.members.add("allUsers")
+    public.policy = {"allowPublicInvokers": True}
+    rig.deploy([enforce, public])
+    plane.kubectl(
+        "annotate",
+        "namespace",
+        ns,
+        f"runwarden.dev/projects={PROJECT}",
+        f"runwarden.dev/google-service-account={tenant}",
+    )
+    controller = rig.start_controller(
+        rig.emulator,
+        extra_args=[
+            "--namespace-binding=required",
+            f"--iam-credentials-endpoint={rig.emulator.admin_url}",
+        ],
+    )
+    rig.apply([enforce, public])
+    other = elsewhere.body()
+    other["spec"]["service"]["project"] = "other-tenant-prj"
+    plane.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(other))
+    rig.converged([enforce], 30)
+    assert rig.state(enforce)["lastModifier"] == tenant
+
+    # Someone sets our variable to another secret value; it is put back, as the tenant.
+    name = sorted(enforce.env)[0]
+    current = rig.state(enforce)
+    admin.put_service(
+        PROJECT, REGION, enforce.service, env={**current["env"], name: canary.value("tenant")}
+    )
+    rig.converged([enforce], 30)
+    assert rig.state(enforce)["lastModifier"] == tenant
+    for target, reason in (
+        (elsewhere, "ProjectNotAllowed"),
+        (public, "PublicInvokerRefused"),
+    ):
+        wait_for(
+            lambda t=target, r=reason: (
+                condition(rig.orchestrators().get(t.name)).get("reason") == r
+            ),
+            30,
+            message=reason,
+        )
+
+    # The namespace now names an account that does not exist: impersonation fails.
+    plane.kubectl(
+        "annotate",
+        "namespace",
+        ns,
+        f"runwarden.dev/google-service-account={sa_email('no-such-runner')}",
+        "--overwrite",
+    )
+    current = rig.state(enforce)
+    admin.put_service(
+        PROJECT, REGION, enforce.service, env={**current["env"], name: canary.value("ghost")}
+    )
+    wait_for(
+        lambda: condition(rig.orchestrators()[enforce.name]).get("reason") == "PermissionDenied",
+        30,
+        message="PermissionDenied for a failed impersonation",
+    )
+
+    scan = canary.scan(plane, [controller.log_path], [ns])
     assert scan.counts["log lines"] and scan.counts["events"] and scan.counts["statuses"] == 3
     assert not scan.hits, scan.hits
 

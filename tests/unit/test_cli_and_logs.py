@@ -158,3 +158,21 @@ def test_kopf_object_info_lines_are_quiet(
     logs.configure("json")
     logging.getLogger("kopf.objects").info("Timer 'drift-loop' succeeded.")
     assert capsys.readouterr().err == ""
+
+
+def test_tenancy_flags() -> None:
+    from controller.domain.tenancy import BindingMode
+
+    assert Settings.from_cli([], {}).namespace_binding is BindingMode.OPTIONAL
+    s = Settings.from_cli(
+        ["--namespace-binding", "required", "--iam-credentials-endpoint", "http://127.0.0.1:9"],
+        {},
+    )
+    assert s.namespace_binding is BindingMode.REQUIRED
+    assert s.iam_credentials_endpoint == "http://127.0.0.1:9"
+    env = {"RUNWARDEN_NAMESPACE_BINDING": "required"}
+    assert Settings.from_cli([], env).namespace_binding is BindingMode.REQUIRED
+    with pytest.raises(SystemExit):
+        Settings.from_cli([], {"RUNWARDEN_NAMESPACE_BINDING": "sometimes"})
+    with pytest.raises(SystemExit):
+        Settings.from_cli(["--namespace-binding", "sometimes"], {})

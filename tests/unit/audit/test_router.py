@@ -193,3 +193,39 @@ async def test_close_cancels_pending_wakes() -> None:
     h.router.close()
     assert h.router.pending == 0  # cancelled: nothing left to fire
     assert h.woken == []
+
+
+async def test_an_entry_for_a_project_no_namespace_may_touch_wakes_nothing() -> None:
+    """Tenancy: the namespace bindings (controller.kube.namespaces) decide; an entry for an
+    unbound project is dropped before anything else, even for a service a loop claims."""
+    h = Harness()
+    bound = {"p-audit"}
+    h.router = AuditRouter(
+        OwnWrites(OWN),
+        debounce=DEBOUNCE,
+        last_write=h.records.get,
+        wake=h.wake,
+        clock=lambda: h.now,
+        project_allowed=lambda project: project in bound,
+    )
+    stranger = ServiceRef("p-stranger", "us-west2", "svc")
+    h.records[stranger] = WriteRecord()
+    before = count(Result.UNMATCHED)
+    h.router.receive(h.entry(ref=stranger))
+    assert h.router.pending == 0  # nothing debouncing: dropped at once
+    assert count(Result.UNMATCHED) == before + 1
+    h.router.receive(h.entry())
+    await until(lambda: h.woken)
+    await idle(h)
+    assert h.woken == [(REF, "audit")]
+
+
+def test_writes_as_an_impersonated_tenant_account_are_own() -> None:
+    """Runwarden acting as a namespace's account: those entries are its own too."""
+    own = OwnWrites(OWN)
+    tenant = "runner@tenant-a-prj.iam.gserviceaccount.com"
+    entry = AuditEntry(ref=REF, method=UPDATE, principal=tenant, generation=2, timestamp=1.0)
+    own.record(REF, WriteRecord(generation=2))
+    assert own.origin(entry).value == "foreign"
+    own.add_identity(f"serviceAccount:{tenant}")
+    assert own.origin(entry).value == "own"
