@@ -27,6 +27,10 @@ ENV_POD_NAME = "POD_NAME"
 DEFAULT_STATUS_HEARTBEAT = 300.0
 DEFAULT_LEASE_NAMESPACE = "runwarden-system"
 LEASE_NAME = "runwarden"
+ENV_CLUSTER_NAME = "RUNWARDEN_CLUSTER_NAME"
+DEFAULT_CLUSTER_NAME = "default"
+# The cluster part of the owner annotation "<cluster>/<namespace>/<name>": no "/" inside.
+CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 # Per-region Cloud Run Admin API budgets: conservative, below Google's default per-region quotas,
 # leaving room for other clients of the same quota (deploys, gcloud, consoles).
 DEFAULT_READS_PER_MINUTE = 600
@@ -67,6 +71,8 @@ class Settings:
     lease_seconds: float = 10.0
     # A label selector (kubectl syntax): serve only the Orchestrators it matches ("" = all).
     selector: str = ""
+    # Names this cluster in the claim on each service (runwarden.dev/owner, CONTRACT §6.1).
+    cluster_name: str = DEFAULT_CLUSTER_NAME
 
     @classmethod
     def from_cli(
@@ -153,6 +159,15 @@ class Settings:
             parse_selector(selector)
         except ValueError as exc:
             parser.error(f"--selector: {exc}")
+        cluster = (
+            args.cluster_name or environ.get(ENV_CLUSTER_NAME, "").strip() or DEFAULT_CLUSTER_NAME
+        )
+        if not CLUSTER_NAME_RE.match(cluster):
+            parser.error(
+                f"--cluster-name / {ENV_CLUSTER_NAME} must be letters, digits, '-', '_' or '.' "
+                f"(at most 63, no '/'): it names this cluster in the owner annotation, got "
+                f"{cluster!r}"
+            )
         if threshold < 0 or not window > 0 or args.audit_debounce < 0:
             parser.error("--fight-threshold and --audit-debounce must be >= 0, --fight-window > 0")
         return cls(
@@ -179,6 +194,7 @@ class Settings:
             leader_election_name=args.leader_election_name,
             lease_seconds=args.leader_election_lease_seconds,
             selector=selector.strip(),
+            cluster_name=cluster,
         )
 
 
@@ -224,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--liveness", metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    parser.add_argument(
+        "--cluster-name",
+        metavar="NAME",
+        help="this cluster's name in the claim on each service (annotation runwarden.dev/owner = "
+        f"NAME/namespace/name; default {DEFAULT_CLUSTER_NAME}); env {ENV_CLUSTER_NAME}. Give "
+        "every cluster that manages services of the same projects its own name",
     )
     parser.add_argument(
         "--log-format",

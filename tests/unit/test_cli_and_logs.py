@@ -158,3 +158,12 @@ def test_kopf_object_info_lines_are_quiet(
     logs.configure("json")
     logging.getLogger("kopf.objects").info("Timer 'drift-loop' succeeded.")
     assert capsys.readouterr().err == ""
+
+
+def test_cluster_name_flag_env_and_default() -> None:
+    assert Settings.from_cli([], {}).cluster_name == "default"
+    assert Settings.from_cli([], {"RUNWARDEN_CLUSTER_NAME": "prod-eu"}).cluster_name == "prod-eu"
+    flag = Settings.from_cli(["--cluster-name", "a"], {"RUNWARDEN_CLUSTER_NAME": "b"})
+    assert flag.cluster_name == "a"
+    with pytest.raises(SystemExit):
+        Settings.from_cli(["--cluster-name", "a/b"], {})
