@@ -158,7 +158,6 @@ def get_service(store: Store, key: names.ServiceKey) -> dict[str, Any]:
         "reconciling": svc.reconciling,
         "traffic": [_target_json(t) for t in svc.traffic],
         "trafficStatuses": [_target_json(t) for t in svc.traffic_statuses],
-        "annotations": dict(svc.annotations),
         "ready": _state_name(svc.terminal_condition.state),
         "etag": base64.b64encode(entry.policy.etag).decode(),
         "serviceEtag": svc.etag,
