@@ -43,4 +43,4 @@ USER 65532:65532
 WORKDIR /
 EXPOSE 8080 9090
 ENTRYPOINT ["python", "-m", "controller"]
-CMD ["--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090", "--log-format=json", "--leader-election", "--leader-election-namespace=runwarden-system"]
+CMD ["--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090", "--log-format=json", "--leader-election", "--leader-election-namespace=runwarden-system", "--namespace-binding=required"]

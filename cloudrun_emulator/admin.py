@@ -94,13 +94,16 @@ class AdminClient:
         *,
         secret_env: dict[str, dict[str, str]] | None = None,
         image: str | None = None,
+        traffic: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Create or replace a service, as someone else's deploy would.
 
         Only the aspects passed are written: `env` replaces the plain env vars (secret ones stay),
         `secret_env` the secret ones, `settings` sets the keys given (None value = default),
         `invokers` sets the member list of each role given (an empty list removes the role;
-        roles not given stay). Returns the service as `get_service` shows it.
+        roles not given stay), `traffic` replaces Service.traffic ([{"revision": NAME or absent
+        for the latest ready one, "percent": N, "tag": T}], e.g. pinned as by `--no-traffic`).
+        Returns the service as `get_service` shows it.
         """
         body: dict[str, Any] = {}
         if env is not None:
@@ -113,6 +116,8 @@ class AdminClient:
             body["settings"] = settings
         if principal is not None:
             body["principal"] = principal
+        if traffic is not None:
+            body["traffic"] = traffic
         if image is not None:
             body["image"] = image
         return self._call("PUT", self._svc_path(project, region, name), body)  # type: ignore[no-any-return]

@@ -11,13 +11,14 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from controller import reconcile
 from controller.audit import fights
 from controller.audit.listener import AuditListener
-from controller.domain import spec
+from controller.domain import ownership, spec
 from controller.domain.model import Desired, Event, Failure, Mode, Reason, Retry, StatusUpdate
 from controller.domain.outcome import failed
 from controller.domain.tenancy import refusal
@@ -81,15 +82,23 @@ async def check(
         pacer: Pacer = memo.pacer
         pacer.enroll(loop.key, desired.ref.region, resync)
         period = pacer.period(desired.ref.region, resync)
+        desired = replace(desired, owner=ownership.owner_id(config.cluster_name, *loop.key))
         listener: AuditListener | None = memo.get("audit")
-        hold = listener.begin_check(desired.ref, reasons) if listener is not None else None
+        # Without the audit feed, fights are still seen: by the repairs themselves.
+        detector: fights.FightDetector | None = memo.get("fights")
+        if listener is not None:
+            hold = listener.begin_check(desired.ref, reasons)
+        elif detector is not None:
+            hold = fights.begin(detector, desired.ref, reasons, time.time())
+        else:
+            hold = None
         if hold is not None:
             desired = fights.observe_only(desired)  # a DriftFight hold: report, do not repair
         try:
             update = await reconcile.reconcile(
                 gateway,
                 desired,
-                status.managed_of(history),
+                status.managed_of(history, desired.role),
                 status.prior_of(history, generation),
             )
         except Exception as exc:  # a bug must not stop the loop nor leave status stale
@@ -98,6 +107,17 @@ async def check(
             update = failed(Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT), ())
         if listener is not None:
             update = listener.end_check(desired.ref, update, hold)
+        elif detector is not None:
+            update, new_hold = fights.end(detector, desired.ref, update, hold, time.time())
+            if new_hold is not None:
+                log.warning(
+                    "drift_fight",
+                    k8s_ref=ref_of(loop),
+                    service=str(desired.ref),
+                    principals=list(new_hold.principals),
+                    repairs=new_hold.repairs,
+                    backoff_seconds=new_hold.backoff,
+                )
     elapsed = time.monotonic() - started
 
     # Leave out only what both the live status and our unseen patches already hold: the watch

@@ -24,6 +24,7 @@ import yaml  # type: ignore[import-untyped]
 from controller.domain import spec
 from controller.domain.model import (
     DEFAULT_ROLE,
+    OWNER_ANNOTATION,
     PUBLIC_MEMBERS,
     Managed,
     Mode,
@@ -161,7 +162,7 @@ def _unrepresentable(ref: ServiceRef, facts: convert.AdoptionFacts, target: Targ
         if facts.owner != own:
             reasons.append(
                 f"the service is claimed by Orchestrator {facts.owner} (annotation "
-                f"{convert.OWNER_ANNOTATION}); an Orchestrator elsewhere would report "
+                f"{OWNER_ANNOTATION}); an Orchestrator elsewhere would report "
                 "OwnedElsewhere: export it with the --namespace (and --cluster-name) of that "
                 "owner, or release the claim first (delete that Orchestrator)"
             )

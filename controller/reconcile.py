@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from controller.domain import ownership
 from controller.domain.model import (
     Aspect,
     Change,
@@ -24,7 +25,17 @@ from controller.domain.model import (
     StatusUpdate,
     WriteRecord,
 )
-from controller.domain.outcome import Prior, failed, in_sync, outcome, report_only, summary
+from controller.domain.outcome import (
+    Prior,
+    failed,
+    in_sync,
+    outcome,
+    owned_elsewhere,
+    report_only,
+    summary,
+    with_serving,
+)
+from controller.domain.ownership import Standing
 from controller.domain.plan import plan, restrict, revoke_plan
 from controller.gcp.errors import GatewayError, ServiceAccountMissing
 from controller.gcp.gateway import Gateway
@@ -38,19 +49,42 @@ async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prio
         observed = await gw.observe(desired.ref, desired.container)
     except GatewayError as exc:
         return failed(exc.failure(), events=())
+    standing = ownership.standing(desired, observed)
+    if standing is Standing.ELSEWHERE:
+        return owned_elsewhere(ownership.owned_elsewhere(observed), observed)
+    managed = ownership.effective_managed(managed, desired, observed)
     p = plan(desired, observed, managed)
     if desired.policy.mode is Mode.OBSERVE:
-        return report_only(p, observed, prior)
+        return with_serving(report_only(p, observed, prior), observed)
+    taken: tuple[Event, ...] = ()
+    if standing is Standing.TAKE_OVER:
+        # Taking the claim is a write of its own: the other owner stops at its next check.
+        p = replace(p, claim=ownership.claim_for(desired, observed, p))
+        taken = (
+            Event(
+                "Normal",
+                "TakenOver",
+                f"took the claim on service {observed.ref} from {observed.owner} "
+                "(spec.policy.takeOver)",
+            ),
+        )
     if p.empty:
-        return in_sync(p, observed, prior)
-    return await _enforce(gw, desired, observed, p, managed, prior)
+        return with_serving(in_sync(p, observed, prior), observed)
+    if p.claim is None:
+        p = replace(p, claim=ownership.claim_for(desired, observed, p))
+    update = await _enforce(gw, desired, observed, p, managed, prior)
+    if update.wrote.generation is None:
+        return update  # the claim was not written: nothing taken over (yet)
+    return replace(update, events=(*taken, *update.events))
 
 
 async def revoke(gw: Gateway, target: Desired, managed: Managed) -> tuple[str, ...]:
-    """Deletion policy Revoke: remove the owned env vars and members, verified.
+    """Deletion policy Revoke: remove the owned env vars and members, verified, and release the
+    claim on the service (in the same UpdateService when there is one).
 
     Returns what was removed (names). Raises GatewayError when it cannot finish, so that the
-    finalizer stays and the deletion is retried. A service that is gone has nothing to revoke.
+    finalizer stays and the deletion is retried. A service that is gone has nothing to revoke;
+    one that another owner claims is not this Orchestrator's to change.
     """
     try:
         observed = await gw.observe(target.ref, target.container)
@@ -58,17 +92,38 @@ async def revoke(gw: Gateway, target: Desired, managed: Managed) -> tuple[str, .
         if exc.reason == Reason.SERVICE_NOT_FOUND:
             return ()
         raise
+    if ownership.standing(target, observed) is not Standing.OURS and observed.owner:
+        return ()
+    managed = ownership.effective_managed(managed, target, observed)
     p = revoke_plan(observed, target.role, managed)
+    p = replace(p, claim=ownership.release_for(target, observed))
     if p.touches_service:
         observed = await gw.update_service(observed, p)
     if p.touches_iam:
-        await gw.set_invokers(observed, p.role, p.invokers_add, p.invokers_remove)
+        await gw.set_invokers(observed, p.role, p.invokers_add, p.invokers_remove, p.grants_remove)
     if not p.empty:
         after = await gw.observe(target.ref, target.container)
         left = revoke_plan(after, target.role, managed)
         if not left.empty:
             raise GatewayError(f"revocation not verified: {', '.join(left.lines())} still present")
     return tuple(p.lines())
+
+
+async def release(gw: Gateway, target: Desired) -> bool:
+    """Deletion policy Abandon: leave env and invokers as they are, remove only the claim (an
+    annotation-only UpdateService: no revision). True if a claim was released. A service that
+    is gone, or claimed by someone else, has nothing to release."""
+    try:
+        observed = await gw.observe(target.ref, target.container)
+    except GatewayError as exc:
+        if exc.reason == Reason.SERVICE_NOT_FOUND:
+            return False
+        raise
+    claim = ownership.release_for(target, observed)
+    if claim is None:
+        return False
+    await gw.update_service(observed, Plan(claim=claim))
+    return True
 
 
 async def _enforce(
@@ -96,12 +151,24 @@ async def _enforce(
             written |= service_aspects
             wrote = replace(wrote, generation=after.generation)
         except GatewayError as exc:
+            claiming = p.claim is not None and observed.owner != p.claim.owner
+            if claiming:
+                # Without the claim, nothing else is written: another owner may have it now.
+                service_aspects = p.aspects
+                p = replace(
+                    p,
+                    invokers_add=frozenset(),
+                    invokers_remove=frozenset(),
+                    grants_remove=frozenset(),
+                )
             for a in service_aspects:
                 failures.setdefault(a, exc.failure())
             events.append(Event("Warning", "UpdateFailed", f"UpdateService: {exc.message}"))
     if p.touches_iam:
         try:
-            etag = await gw.set_invokers(after, p.role, p.invokers_add, p.invokers_remove)
+            etag = await gw.set_invokers(
+                after, p.role, p.invokers_add, p.invokers_remove, p.grants_remove
+            )
             written.add(Aspect.INVOKERS)
             wrote = replace(wrote, iam_etag=etag)
         except GatewayError as exc:
@@ -113,7 +180,8 @@ async def _enforce(
             gw, desired, after, p, managed, frozenset(written), dropped, failures, events
         )
 
-    return outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+    update = outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+    return with_serving(update, after)
 
 
 async def _drop_missing_service_accounts(

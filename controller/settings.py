@@ -30,6 +30,10 @@ DEFAULT_LEASE_NAMESPACE = "runwarden-system"
 LEASE_NAME = "runwarden"
 ENV_NAMESPACE_BINDING = "RUNWARDEN_NAMESPACE_BINDING"
 ENV_IAM_CREDENTIALS_ENDPOINT = "RUNWARDEN_IAM_CREDENTIALS_ENDPOINT"
+ENV_CLUSTER_NAME = "RUNWARDEN_CLUSTER_NAME"
+DEFAULT_CLUSTER_NAME = "default"
+# The cluster part of the owner annotation "<cluster>/<namespace>/<name>": no "/" inside.
+CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 # Per-region Cloud Run Admin API budgets: conservative, below Google's default per-region quotas,
 # leaving room for other clients of the same quota (deploys, gcloud, consoles).
 DEFAULT_READS_PER_MINUTE = 600
@@ -73,6 +77,8 @@ class Settings:
     # Tenancy (controller.domain.tenancy): namespaces bound to projects and Google identities.
     namespace_binding: BindingMode = BindingMode.OPTIONAL
     iam_credentials_endpoint: str | None = None  # None = Google's; the emulator's admin URL
+    # Names this cluster in the claim on each service (runwarden.dev/owner, CONTRACT §6.1).
+    cluster_name: str = DEFAULT_CLUSTER_NAME
 
     @classmethod
     def from_cli(
@@ -159,6 +165,15 @@ class Settings:
             parse_selector(selector)
         except ValueError as exc:
             parser.error(f"--selector: {exc}")
+        cluster = (
+            args.cluster_name or environ.get(ENV_CLUSTER_NAME, "").strip() or DEFAULT_CLUSTER_NAME
+        )
+        if not CLUSTER_NAME_RE.match(cluster):
+            parser.error(
+                f"--cluster-name / {ENV_CLUSTER_NAME} must be letters, digits, '-', '_' or '.' "
+                f"(at most 63, no '/'): it names this cluster in the owner annotation, got "
+                f"{cluster!r}"
+            )
         if threshold < 0 or not window > 0 or args.audit_debounce < 0:
             parser.error("--fight-threshold and --audit-debounce must be >= 0, --fight-window > 0")
         raw_binding = args.namespace_binding or environ.get(ENV_NAMESPACE_BINDING, "").strip()
@@ -196,6 +211,7 @@ class Settings:
             iam_credentials_endpoint=args.iam_credentials_endpoint
             or environ.get(ENV_IAM_CREDENTIALS_ENDPOINT, "").strip()
             or None,
+            cluster_name=cluster,
         )
 
 
@@ -241,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--liveness", metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    parser.add_argument(
+        "--cluster-name",
+        metavar="NAME",
+        help="this cluster's name in the claim on each service (annotation runwarden.dev/owner = "
+        f"NAME/namespace/name; default {DEFAULT_CLUSTER_NAME}); env {ENV_CLUSTER_NAME}. Give "
+        "every cluster that manages services of the same projects its own name",
     )
     parser.add_argument(
         "--log-format",

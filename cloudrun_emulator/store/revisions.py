@@ -12,6 +12,7 @@ from typing import Any
 from google.rpc import code_pb2
 
 from ..events import AuditEvent, AuditSink
+from . import traffic
 from .directory import Directory
 from .operations import Operations
 from .records import ConditionPb, OperationEntry, Revision, Rollout, ServiceEntry, now
@@ -19,7 +20,6 @@ from .records import ConditionPb, OperationEntry, Revision, Rollout, ServiceEntr
 SUCCEEDED = ConditionPb.CONDITION_SUCCEEDED
 FAILED = ConditionPb.CONDITION_FAILED
 RECONCILING = ConditionPb.CONDITION_RECONCILING
-LATEST = 1  # TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
 
 
 class Revisions:
@@ -119,9 +119,7 @@ class Revisions:
             svc.conditions.add(
                 type_="ConfigurationsReady", state=SUCCEEDED, last_transition_time=now()
             )
-        del svc.traffic_statuses[:]
-        if svc.latest_ready_revision:
-            svc.traffic_statuses.add(type_=LATEST, revision=svc.latest_ready_revision, percent=100)
+        traffic.route(svc)  # a LATEST target now reaches the new revision; pinned ones do not
         entry.touched()
 
     def _start_rollout(self, entry: ServiceEntry, rollout: Rollout) -> None:

@@ -18,7 +18,7 @@ from google.longrunning import operations_pb2
 from .. import convert, names
 from ..errors import ApiError, invalid, not_found
 from ..events import AuditEvent, AuditSink
-from . import iam
+from . import iam, traffic
 from .accounts import ServiceAccounts
 from .directory import Directory, missing_v2
 from .operations import Operations
@@ -294,6 +294,8 @@ class Services:
                         "configuration already exists.",
                     )
 
+        traffic.validate(spec, current, spec.template.revision)
+
         if validate_only:
             preview = ServicePb()
             preview.CopyFrom(current.service if current else spec)
@@ -341,6 +343,8 @@ class Services:
             )
         elif current.pending is None:
             svc.observed_generation = svc.generation
+        if not template_changed:
+            traffic.route(svc)  # a traffic-only (or annotation-only) write: no revision
         current.touched()
 
         method_v2 = method.startswith("google.cloud.run.v2")

@@ -11,7 +11,7 @@ from google.iam.v1 import policy_pb2
 
 from .. import convert, names
 from ..errors import invalid, not_found
-from ..store import Store
+from ..store import Store, traffic
 from ..store.records import ConditionPb, ServicePb
 
 DEFAULT_PRINCIPAL = "deployer@example.com"
@@ -19,7 +19,7 @@ DEFAULT_PRINCIPAL = "deployer@example.com"
 
 def put_service(store: Store, key: names.ServiceKey, body: dict[str, Any]) -> bool:
     """Create or replace a service the way someone else's deploy would. True if created."""
-    allowed = {"env", "secretEnv", "invokers", "settings", "principal", "image"}
+    allowed = {"env", "secretEnv", "invokers", "settings", "principal", "image", "traffic"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise invalid(f"unknown field(s) {unknown}; expected some of {sorted(allowed)}")
@@ -42,12 +42,16 @@ def put_service(store: Store, key: names.ServiceKey, body: dict[str, Any]) -> bo
     spec = ServicePb()
     if current is not None:
         spec.CopyFrom(current.service)
-    touches_service = created or any(k in body for k in ("env", "secretEnv", "settings", "image"))
+    touches_service = created or any(
+        k in body for k in ("env", "secretEnv", "settings", "image", "traffic")
+    )
     convert.apply_env(spec, body.get("env"), body.get("secretEnv"))
     if "settings" in body:
         convert.apply_settings(spec, body["settings"])
     if image is not None:
         convert.ensure_container(spec).image = image
+    if "traffic" in body:
+        _apply_traffic(spec, body["traffic"])
 
     # Build the new policy first so that a bad member fails before anything is written.
     new_policy = None
@@ -152,6 +156,8 @@ def get_service(store: Store, key: names.ServiceKey) -> dict[str, Any]:
         "latestCreatedRevision": svc.latest_created_revision,
         "revisions": sorted(entry.revisions),
         "reconciling": svc.reconciling,
+        "traffic": [_target_json(t) for t in svc.traffic],
+        "trafficStatuses": [_target_json(t) for t in svc.traffic_statuses],
         "ready": _state_name(svc.terminal_condition.state),
         "etag": base64.b64encode(entry.policy.etag).decode(),
         "serviceEtag": svc.etag,
@@ -183,6 +189,41 @@ def put_service_account(store: Store, email: str) -> tuple[dict[str, str], bool]
 
 def list_service_accounts(store: Store) -> list[str]:
     return sorted(sa.email for sa in store.accounts.by_email.values())
+
+
+def _apply_traffic(spec: Any, raw: Any) -> None:
+    """The admin body's ``traffic``: [{"revision": NAME (absent = the latest ready revision),
+    "percent": N, "tag": T}] replaces Service.traffic (what `gcloud run services update-traffic`
+    or a `--no-traffic` deploy sends)."""
+    if not isinstance(raw, list):
+        raise invalid("'traffic' must be a list of {revision?, percent, tag?}")
+    del spec.traffic[:]
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict) or set(t) - {"revision", "percent", "tag"}:
+            raise invalid(f"traffic[{i}] must be an object with revision?, percent, tag?")
+        revision, percent, tag = t.get("revision") or "", t.get("percent", 0), t.get("tag") or ""
+        if not isinstance(revision, str) or not isinstance(tag, str):
+            raise invalid(f"traffic[{i}].revision and .tag must be strings")
+        if isinstance(percent, bool) or not isinstance(percent, int):
+            raise invalid(f"traffic[{i}].percent must be an integer")
+        spec.traffic.add(
+            type_=traffic.REVISION if revision else traffic.LATEST,
+            revision=revision,
+            percent=percent,
+            tag=tag,
+        )
+
+
+def _target_json(t: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": traffic.TYPE_NAMES.get(int(t.type_), "UNSPECIFIED"),
+        "percent": t.percent,
+    }
+    if t.revision:
+        out["revision"] = t.revision
+    if t.tag:
+        out["tag"] = t.tag
+    return out
 
 
 def _state_name(state: int) -> str:

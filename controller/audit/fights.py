@@ -127,6 +127,13 @@ class FightDetector:
         )
         return state.hold
 
+    def calm(self, ref: ServiceRef) -> None:
+        """A check found the service holding the spec: the repairs so far were not one fight
+        (the check path, without the audit feed, calls this; see ``end``)."""
+        state = self._services.get(ref)
+        if state is not None:
+            state.repairs.clear()
+
     def forget(self, ref: ServiceRef) -> None:
         self._services.pop(ref, None)
 
@@ -202,3 +209,38 @@ def held(update: StatusUpdate, hold: Hold) -> StatusUpdate:
         ready=Condition("Ready", False, DRIFT_FIGHT, f"{message(hold)}; pending: {lines}"),
         events=events,
     )
+
+
+# ---------------------------------------------------------------------- the check path
+
+
+def begin(
+    detector: FightDetector, ref: ServiceRef, reasons: tuple[str, ...], now: float
+) -> Hold | None:
+    """Before a check without the audit feed: the hold in force (the check must only report).
+
+    A spec change is applied even during a hold: someone acted on the spec.
+    """
+    if any(r.startswith("spec-") for r in reasons):
+        return None
+    return detector.holding(ref, now)
+
+
+def end(
+    detector: FightDetector, ref: ServiceRef, update: StatusUpdate, hold: Hold | None, now: float
+) -> tuple[StatusUpdate, Hold | None]:
+    """After a check without the audit feed: a service whose spec keeps being undone (a drift
+    repair at check after check, no check in between finding it in sync) is a fight even though
+    no audit entry names who undid it. Without the names of foreign writers to go on, a clean
+    check ends the count: drift now and then (a deploy a day) never adds up to a fight.
+    Returns the update as it should be reported, and the hold that starts now (if any)."""
+    if hold is not None:
+        return held(update, hold), None
+    if not update.drift.repaired:
+        if update.checked and update.failure is None and not update.drift.detected:
+            detector.calm(ref)
+        return update, None
+    new = detector.repaired(ref, now)
+    if new is None:
+        return update, None
+    return started(update, new), new

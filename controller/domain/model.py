@@ -19,6 +19,12 @@ PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
 # Runwarden's revision-template annotation: a new value makes Cloud Run create a new revision from
 # an otherwise identical template (how a failed rollout is retried).
 ROLLOUT_ATTEMPT_ANNOTATION = "runwarden.dev/rollout-attempt"
+# The claim on a service (CONTRACT §6.1): SERVICE-level annotations (Service.annotations, not the
+# revision template's), so setting them never makes a revision. OWNER_ANNOTATION holds
+# "<cluster>/<namespace>/<name>" of the one Orchestrator that owns the service; OWNED_ANNOTATION
+# holds, as compact JSON, the names it owns: {"env":[names],"invokers":{role:[members]}}.
+OWNER_ANNOTATION = "runwarden.dev/owner"
+OWNED_ANNOTATION = "runwarden.dev/owned"
 
 
 class Mode(enum.StrEnum):
@@ -98,6 +104,7 @@ class Policy:
     deletion: DeletionPolicy = DeletionPolicy.ABANDON
     resync_seconds: float = 60.0
     allow_public_invokers: bool = False
+    take_over: bool = False  # spec.policy.takeOver: claim a service another owner holds
 
 
 @dataclass(frozen=True)
@@ -111,17 +118,53 @@ class Desired:
     invokers: frozenset[str] = frozenset()
     settings: Mapping[str, SettingValue] = field(default_factory=dict)
     policy: Policy = Policy()
+    # "<cluster>/<namespace>/<name>": the claim this Orchestrator puts on the service
+    # (OWNER_ANNOTATION). "" = no claims (only pure unit tests build a Desired without one).
+    owner: str = ""
+
+
+# An owned invoker grant: (role, member). The role is kept so that a role edit or a revocation
+# removes the grant from the role it was made under.
+Grant = tuple[str, str]
 
 
 @dataclass(frozen=True)
 class Managed:
-    """What this Orchestrator owns in GCP (status.managed): the names it may prune or revoke."""
+    """What this Orchestrator owns in GCP (status.managed, and the OWNED_ANNOTATION on the
+    service): the names it may prune or revoke."""
 
     env: frozenset[str] = frozenset()
-    invokers: frozenset[str] = frozenset()
+    grants: frozenset[Grant] = frozenset()
+
+    @classmethod
+    def of(
+        cls,
+        env: frozenset[str] = frozenset(),
+        role: str = DEFAULT_ROLE,
+        members: frozenset[str] = frozenset(),
+    ) -> Managed:
+        """Env names and members of one role."""
+        return cls(frozenset(env), frozenset((role, m) for m in members))
+
+    @property
+    def invokers(self) -> frozenset[str]:
+        """Owned members, whatever their role."""
+        return frozenset(m for _, m in self.grants)
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset(r for r, _ in self.grants)
+
+    def members(self, role: str) -> frozenset[str]:
+        """Owned members of one role."""
+        return frozenset(m for r, m in self.grants if r == role)
 
     def union(self, other: Managed) -> Managed:
-        return Managed(self.env | other.env, self.invokers | other.invokers)
+        return Managed(self.env | other.env, self.grants | other.grants)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.env or self.grants)
 
 
 class RolloutState(enum.StrEnum):
@@ -155,6 +198,26 @@ class RolloutRetry:
 
 
 @dataclass(frozen=True)
+class TrafficShare:
+    """One entry of the service's traffic_statuses: where a share of requests goes."""
+
+    revision: str  # short name; for a LATEST target, the latest ready revision
+    percent: int
+    latest: bool = False  # TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST (follows new revisions)
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the reconcile writes on the service with its first write: the owner and the owned
+    names (None = leave the annotations as they are). ``release`` removes both."""
+
+    owner: str
+    owned: Managed
+    release: bool = False
+
+
+@dataclass(frozen=True)
 class Observed:
     """What GCP holds for one service, in the CRD's vocabulary.
 
@@ -177,6 +240,9 @@ class Observed:
     generation: int = 0
     iam_etag: bytes = b""
     rollout: Rollout = Rollout()
+    owner: str = ""  # OWNER_ANNOTATION on the service ("" = unclaimed)
+    owned: Managed | None = None  # OWNED_ANNOTATION (None = absent or unreadable)
+    traffic: tuple[TrafficShare, ...] = ()  # Service.traffic_statuses, LATEST resolved
     service_handle: object = field(default=None, compare=False, repr=False)
     policy_handle: object = field(default=None, compare=False, repr=False)
 
@@ -235,6 +301,9 @@ class Plan:
     role: str = DEFAULT_ROLE
     invokers_add: frozenset[str] = frozenset()
     invokers_remove: frozenset[str] = frozenset()
+    # Owned grants to remove under roles other than ``role`` (spec.invokers.role was edited):
+    # written in the same SetIamPolicy.
+    grants_remove: frozenset[Grant] = frozenset()
     changes: tuple[Change, ...] = ()
     managed: Managed = Managed()  # status.managed once the plan is applied
     # The latest revision failed: the UpdateService also retries the rollout (even if it changes
@@ -243,6 +312,9 @@ class Plan:
     # Set Service.invoker_iam_disabled to this in the UpdateService (None: leave it).
     invoker_iam_disabled: bool | None = None
     notes: tuple[Note, ...] = ()
+    # The service-level claim annotations to write with the UpdateService (set by the reconcile
+    # when it writes anyway and the claim on the service is not yet as it should be).
+    claim: Claim | None = None
 
     @property
     def touches_service(self) -> bool:
@@ -252,6 +324,7 @@ class Plan:
             or self.settings_set
             or self.rollout_retry is not None
             or self.invoker_iam_disabled is not None
+            or self.claim is not None
         )
 
     @property
@@ -270,7 +343,7 @@ class Plan:
 
     @property
     def touches_iam(self) -> bool:
-        return bool(self.invokers_add or self.invokers_remove)
+        return bool(self.invokers_add or self.invokers_remove or self.grants_remove)
 
     @property
     def empty(self) -> bool:
@@ -306,6 +379,8 @@ class Reason(enum.StrEnum):
     INTERNAL_ERROR = "InternalError"  # a bug in Runwarden; retried with backoff
     PROGRESSING = "Progressing"
     DRIFT_FIGHT = "DriftFight"  # someone keeps undoing the spec; repairs held (audit/fights.py)
+    OWNED_ELSEWHERE = "OwnedElsewhere"  # another Orchestrator claims the service (§6.1)
+    TRAFFIC_PINNED = "TrafficPinned"  # traffic serves a revision without the spec (§6.1)
     # Warning Events (not condition reasons): what a check saw and leaves alone.
     CONDITIONAL_BINDING = "ConditionalBinding"
     INVOKER_IAM_DISABLED = "InvokerIamDisabled"
@@ -361,6 +436,7 @@ class Retry(enum.StrEnum):
     # ones back off from the resync, doubling, with one Warning; a different one starts over.
     UNVERIFIED = "unverified"
     SPEC_CHANGE = "spec-change"  # only a new spec can help
+    STEADY = "steady"  # a standing state, checked (reads only) at the resync: no backoff
 
 
 @dataclass(frozen=True)
@@ -388,3 +464,4 @@ class StatusUpdate:
     events: tuple[Event, ...] = ()
     failure: Failure | None = None  # what went wrong, for the loop's backoff
     wrote: WriteRecord = WriteRecord()
+    serving: Condition | None = None  # ServingSynced; None = leave it as it is

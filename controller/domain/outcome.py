@@ -25,6 +25,7 @@ from controller.domain.model import (
 )
 from controller.domain.plan import managed_after
 
+SERVING = "ServingSynced"  # the condition about traffic (with_serving)
 CONDITION_TYPES = {
     Aspect.ENV: "EnvSynced",
     Aspect.INVOKERS: "InvokersSynced",
@@ -40,7 +41,9 @@ class Prior:
     # status.drift.syncedGeneration keeps it past a failed repair attempt): a change needed there
     # now is drift (someone else changed the service), not the spec being applied.
     synced: frozenset[Aspect] = frozenset()
-    ready: bool = False  # Ready is True already: success needs no Synced Event
+    # Ready is True already (or False only because traffic is pinned): success needs no
+    # Synced Event
+    ready: bool = False
     pending: tuple[str, ...] = ()  # status.drift.pending
 
 
@@ -54,6 +57,8 @@ def failed(failure: Failure, events: tuple[Event, ...]) -> StatusUpdate:
         checked=False,
         events=events,
         failure=failure,
+        # Like the aspects: what could not be checked is not known to hold.
+        serving=Condition(SERVING, False, failure.reason, failure.message),
     )
 
 
@@ -222,3 +227,66 @@ def summary(lines: list[str] | tuple[str, ...], limit: int = 10) -> str:
     if len(lines) > limit:
         text += f" and {len(lines) - limit} more"
     return text
+
+
+def serving(observed: Observed) -> Condition:
+    """ServingSynced: whether the traffic goes to the revision holding the spec.
+
+    The revision made from the current template is the latest ready one (a failed rollout is
+    RevisionFailed, reported on its own); traffic someone pinned elsewhere (a ``--no-traffic``
+    deploy, a canary split, a rollback to a named revision) means requests are served by a
+    revision without the spec. Runwarden never moves traffic: it says so, naming the revisions
+    and their percents. Tags without a percent serve no share and are left out.
+    """
+    holder = observed.latest_ready_revision
+    shares = [s for s in observed.traffic if s.percent > 0]
+    pinned = [s for s in shares if s.revision != holder]
+    if not pinned or not holder:
+        return Condition(SERVING, True, Reason.SYNCED, "all traffic goes to the latest revision")
+    held = sum(s.percent for s in shares if s.revision == holder)
+    where = ", ".join(
+        f"{s.revision or '(none)'} {s.percent}%" + (f" (tag {s.tag})" if s.tag else "")
+        for s in pinned
+    )
+    return Condition(
+        SERVING,
+        False,
+        Reason.TRAFFIC_PINNED,
+        f"traffic is pinned to {where}; revision {holder}, which holds the spec, serves {held}%. "
+        "Runwarden never moves traffic: route it to the latest revision (gcloud run services "
+        "update-traffic --to-latest) when the pinned revision is done with",
+    )
+
+
+def with_serving(update: StatusUpdate, observed: Observed) -> StatusUpdate:
+    """Add ServingSynced to a completed check (a failed one has it False with its reason).
+
+    Pinned traffic makes Ready False (reason TrafficPinned) unless something else already made
+    it False: the service does not serve the spec, whatever its template holds
+    (docs/troubleshooting.md#trafficpinned)."""
+    if not update.checked:
+        return update
+    condition = serving(observed)
+    update = replace(update, serving=condition)
+    if condition.status or not update.ready.status:
+        return update
+    message = condition.message
+    if update.ready.reason == Reason.DRIFT_REPAIRED:
+        message = f"{update.ready.message}; {message}"
+    return replace(
+        update,
+        ready=Condition("Ready", False, Reason.TRAFFIC_PINNED, message),
+        events=(*update.events, Event("Warning", Reason.TRAFFIC_PINNED, condition.message)),
+    )
+
+
+def owned_elsewhere(failure: Failure, observed: Observed) -> StatusUpdate:
+    """Another owner claims the service: nothing is written; the check still completed."""
+    update = failed(failure, events=(Event("Warning", failure.reason, failure.message),))
+    return replace(
+        update,
+        checked=True,
+        uri=observed.uri,
+        latest_ready_revision=observed.latest_ready_revision,
+        pending=(),
+    )

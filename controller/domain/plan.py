@@ -19,6 +19,7 @@ from controller.domain.model import (
     Desired,
     EnvPolicy,
     EnvValue,
+    Grant,
     InvokerPolicy,
     Managed,
     Note,
@@ -59,6 +60,7 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
 
     present = observed.members(desired.role)
     conditional = observed.conditional.get(desired.role, frozenset())
+    owned_here = managed.members(desired.role)
     invokers_add = desired.invokers - present
     changes += [
         Change(
@@ -71,9 +73,13 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
     if desired.policy.invokers is InvokerPolicy.AUTHORITATIVE:
         invokers_remove = present - desired.invokers
     else:
-        invokers_remove = (present - desired.invokers) & managed.invokers
+        invokers_remove = (present - desired.invokers) & owned_here
+    changes += [Change(Aspect.INVOKERS, m, _removal_kind(m, owned_here)) for m in invokers_remove]
+    # Grants this Orchestrator made under another role (spec.invokers.role was edited): they move
+    # to the new role, i.e. leave the old one. Only owned grants; nobody else's ever change.
+    grants_remove = moved_grants(managed, desired.role, observed)
     changes += [
-        Change(Aspect.INVOKERS, m, _removal_kind(m, managed.invokers)) for m in invokers_remove
+        Change(Aspect.INVOKERS, grant_name(g), ChangeKind.PRUNED) for g in sorted(grants_remove)
     ]
     notes = _conditional_notes(desired, conditional, invokers_add)
 
@@ -109,8 +115,9 @@ def plan(desired: Desired, observed: Observed, managed: Managed) -> Plan:
         role=desired.role,
         invokers_add=frozenset(invokers_add),
         invokers_remove=frozenset(invokers_remove),
+        grants_remove=grants_remove,
         changes=tuple(sorted(changes)),
-        managed=Managed(env=frozenset(desired.env), invokers=desired.invokers),
+        managed=Managed.of(frozenset(desired.env), desired.role, desired.invokers),
         rollout_retry=rollout_retry(observed.rollout),
         invoker_iam_disabled=invoker_iam_disabled,
         notes=tuple(sorted(notes)),
@@ -171,6 +178,16 @@ def _secret_id(project: str, secret: str) -> str:
     return secret.removeprefix(prefix) if secret.startswith(prefix) else secret
 
 
+def moved_grants(managed: Managed, role: str, observed: Observed) -> frozenset[Grant]:
+    """Owned grants under roles other than ``role`` that the service still holds."""
+    return frozenset((r, m) for r, m in managed.grants if r != role and m in observed.members(r))
+
+
+def grant_name(grant: Grant) -> str:
+    """A grant under a role other than the spec's, for messages: "member (role)"."""
+    return f"{grant[1]} ({grant[0]})"
+
+
 def rollout_retry(rollout: Rollout) -> RolloutRetry | None:
     """A failed rollout is retried with the next attempt number; one in progress is left alone."""
     if not rollout.failed:
@@ -179,15 +196,21 @@ def rollout_retry(rollout: Rollout) -> RolloutRetry | None:
 
 
 def revoke_plan(observed: Observed, role: str, managed: Managed) -> Plan:
-    """Deletion policy Revoke: remove exactly the owned env vars and members that are present."""
+    """Deletion policy Revoke: remove exactly the owned env vars and members that are present,
+    each member from the role it was granted under."""
     env_remove = frozenset(managed.env & observed.env.keys())
-    invokers_remove = managed.invokers & observed.members(role)
+    invokers_remove = managed.members(role) & observed.members(role)
+    grants_remove = moved_grants(managed, role, observed)
     changes = [Change(Aspect.ENV, n, ChangeKind.PRUNED) for n in env_remove]
     changes += [Change(Aspect.INVOKERS, m, ChangeKind.PRUNED) for m in invokers_remove]
+    changes += [
+        Change(Aspect.INVOKERS, grant_name(g), ChangeKind.PRUNED) for g in sorted(grants_remove)
+    ]
     return Plan(
         env_remove=env_remove,
         role=role,
         invokers_remove=invokers_remove,
+        grants_remove=grants_remove,
         changes=tuple(sorted(changes)),
         managed=Managed(),
     )
@@ -202,6 +225,7 @@ def restrict(p: Plan, aspects: frozenset[Aspect]) -> Plan:
         settings_set=p.settings_set if Aspect.SETTINGS in aspects else {},
         invokers_add=p.invokers_add if Aspect.INVOKERS in aspects else frozenset(),
         invokers_remove=p.invokers_remove if Aspect.INVOKERS in aspects else frozenset(),
+        grants_remove=p.grants_remove if Aspect.INVOKERS in aspects else frozenset(),
         changes=tuple(c for c in p.changes if c.aspect in aspects),
         rollout_retry=p.rollout_retry if aspects & SERVICE_ASPECTS else None,
         invoker_iam_disabled=p.invoker_iam_disabled if Aspect.INVOKERS in aspects else None,
@@ -232,7 +256,13 @@ def simulate(observed: Observed, p: Plan) -> Observed:
     settings = dict(observed.settings)
     settings.update(p.settings_set)
     bindings = dict(observed.bindings)
-    members = (observed.members(p.role) - p.invokers_remove) | p.invokers_add
+    for role, member in p.grants_remove:
+        left = bindings.get(role, frozenset()) - {member}
+        if left:
+            bindings[role] = left
+        else:
+            bindings.pop(role, None)
+    members = (bindings.get(p.role, frozenset()) - p.invokers_remove) | p.invokers_add
     if members:
         bindings[p.role] = members
     else:
@@ -244,6 +274,10 @@ def simulate(observed: Observed, p: Plan) -> Observed:
     iam_disabled = observed.invoker_iam_disabled
     if p.invoker_iam_disabled is not None:
         iam_disabled = p.invoker_iam_disabled
+    owner, owned = observed.owner, observed.owned
+    if p.claim is not None:
+        owner = "" if p.claim.release else p.claim.owner
+        owned = None if p.claim.release else p.claim.owned
     return replace(
         observed,
         env=env,
@@ -251,6 +285,8 @@ def simulate(observed: Observed, p: Plan) -> Observed:
         bindings=bindings,
         rollout=rollout,
         invoker_iam_disabled=iam_disabled,
+        owner=owner,
+        owned=owned,
     )
 
 
@@ -317,7 +353,5 @@ def managed_after(before: Managed, p: Plan, succeeded: frozenset[Aspect]) -> Man
     meant to be pruned may still be there and must still be prunable next time.
     """
     env = p.managed.env if Aspect.ENV in succeeded else before.env | p.managed.env
-    invokers = (
-        p.managed.invokers if Aspect.INVOKERS in succeeded else before.invokers | p.managed.invokers
-    )
-    return Managed(env=env, invokers=invokers)
+    grants = p.managed.grants if Aspect.INVOKERS in succeeded else before.grants | p.managed.grants
+    return Managed(env=env, grants=grants)

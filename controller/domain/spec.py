@@ -147,6 +147,9 @@ def _policy(raw: Mapping[str, Any], resync_override: float | None) -> Policy:
     allow_public = raw.get("allowPublicInvokers", False)
     if not isinstance(allow_public, bool):
         raise InvalidSpec("spec.policy.allowPublicInvokers must be a boolean")
+    take_over = raw.get("takeOver", False)
+    if not isinstance(take_over, bool):
+        raise InvalidSpec("spec.policy.takeOver must be a boolean")
     return Policy(
         mode=mode,
         env=env,
@@ -154,6 +157,7 @@ def _policy(raw: Mapping[str, Any], resync_override: float | None) -> Policy:
         deletion=deletion,
         resync_seconds=float(resync_override if resync_override is not None else resync),
         allow_public_invokers=allow_public,
+        take_over=take_over,
     )
 
 

@@ -15,14 +15,20 @@ from google.cloud import run_v2
 from google.iam.v1 import policy_pb2
 from google.protobuf import duration_pb2
 
+from controller.domain import ownership
 from controller.domain.model import (
+    OWNED_ANNOTATION,
+    OWNER_ANNOTATION,
     ROLLOUT_ATTEMPT_ANNOTATION,
+    Claim,
     EnvValue,
+    Grant,
     Observed,
     Rollout,
     RolloutState,
     ServiceRef,
     SettingValue,
+    TrafficShare,
 )
 from controller.gcp.errors import Invalid
 
@@ -79,6 +85,9 @@ def observed(ref: ServiceRef, container: str, service: Any, policy: Any) -> Obse
         generation=int(pb.generation),
         iam_etag=bytes(policy.etag) if policy is not None else b"",
         rollout=rollout_of(pb),
+        owner=pb.annotations.get(OWNER_ANNOTATION, ""),
+        owned=ownership.parse_owned(pb.annotations.get(OWNED_ANNOTATION)),
+        traffic=traffic_of(pb),
         service_handle=pb,
         policy_handle=policy,
     )
@@ -105,6 +114,32 @@ def rollout_of(service: Any) -> Rollout:
     else:
         state = RolloutState.READY
     return Rollout(state=state, latest_created_revision=created, attempt=max(0, attempt))
+
+
+# googleapis google/cloud/run/v2/traffic_target.proto, TrafficTargetAllocationType.
+_LATEST = int(run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST)
+
+
+def traffic_of(service: Any) -> tuple[TrafficShare, ...]:
+    """Where requests go (Service.traffic_statuses, the observed routing). A LATEST target
+    serves "the Service's latest ready Revision" (traffic_target.proto); when its status does
+    not name it, it is the service's latest_ready_revision."""
+    latest_ready = service.latest_ready_revision.rsplit("/", 1)[-1]
+    shares = []
+    for t in service.traffic_statuses:
+        latest = int(t.type_) == _LATEST
+        revision = t.revision.rsplit("/", 1)[-1] or (latest_ready if latest else "")
+        shares.append(TrafficShare(revision, int(t.percent), latest, t.tag))
+    return tuple(shares)
+
+
+def edit_claim(service: Any, claim: Claim) -> None:
+    """Set (or, for a release, remove) the claim's SERVICE-level annotations; the revision
+    template is not touched, so the claim alone makes no revision."""
+    for key in (OWNER_ANNOTATION, OWNED_ANNOTATION):
+        if key in service.annotations:
+            del service.annotations[key]
+    service.annotations.update(ownership.claim_annotations(claim))
 
 
 def rolled_out_revision(operation: Any) -> str:
@@ -202,30 +237,43 @@ def edit_settings(service: Any, container: Any, settings: Mapping[str, SettingVa
 
 
 def edit_policy(
-    policy: policy_pb2.Policy, role: str, add: frozenset[str], remove: frozenset[str]
+    policy: policy_pb2.Policy,
+    role: str,
+    add: frozenset[str],
+    remove: frozenset[str],
+    grants_remove: frozenset[Grant] = frozenset(),
 ) -> policy_pb2.Policy | None:
-    """The policy with the delta applied to ``role``'s unconditional binding; None if a no-op."""
+    """The policy with the delta applied to ``role``'s unconditional binding, and the
+    ``grants_remove`` (role, member) pairs removed from their roles' unconditional bindings;
+    None if a no-op."""
     edited = policy_pb2.Policy()
     edited.CopyFrom(policy)
-    binding = next(
-        (b for b in edited.bindings if b.role == role and not b.HasField("condition")), None
-    )
-    current = set(binding.members) if binding is not None else set()
-    wanted = (current - remove) | add
-    if wanted == current:
+    changed = False
+    deltas: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+    for r, m in grants_remove:
+        kept_add, kept_remove = deltas.get(r, (frozenset(), frozenset()))
+        deltas[r] = (kept_add, kept_remove | {m})
+    deltas[role] = (add, remove | deltas.get(role, (frozenset(), frozenset()))[1])
+    for r, (r_add, r_remove) in sorted(deltas.items()):
+        binding = next(
+            (b for b in edited.bindings if b.role == r and not b.HasField("condition")), None
+        )
+        current = set(binding.members) if binding is not None else set()
+        wanted = (current - r_remove) | r_add
+        if wanted == current:
+            continue
+        changed = True
+        if binding is None:
+            binding = edited.bindings.add(role=r)
+        del binding.members[:]
+        binding.members.extend(sorted(wanted))
+        if not wanted:
+            edited.bindings.remove(binding)
+    if not changed:
         return None
-    if binding is None:
-        binding = edited.bindings.add(role=role)
-    del binding.members[:]
-    binding.members.extend(sorted(wanted))
-    if not wanted:
-        edited.bindings.remove(binding)
     if any(b.HasField("condition") for b in edited.bindings):
         edited.version = 3
     return edited
-
-
-OWNER_ANNOTATION = "runwarden.dev/owner"  # CONTRACT §6.1: the claim on the service
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from google.iam.v1 import iam_policy_pb2, options_pb2, policy_pb2
 
 from controller.domain.model import (
     ROLLOUT_ATTEMPT_ANNOTATION,
+    Grant,
     Observed,
     Plan,
     ServiceRef,
@@ -215,6 +216,8 @@ class Gateway:
             service.template.annotations[ROLLOUT_ATTEMPT_ANNOTATION] = str(
                 plan.rollout_retry.attempt
             )
+        if plan.claim is not None:
+            convert.edit_claim(service, plan.claim)
         request = run_v2.UpdateServiceRequest(service=service)
         with translate(f"service {observed.ref}"):
             operation = await self._call(
@@ -255,6 +258,7 @@ class Gateway:
         role: str,
         add: frozenset[str],
         remove: frozenset[str],
+        grants_remove: frozenset[Grant] = frozenset(),
     ) -> bytes:
         """Grant/revoke ``role`` in ONE SetIamPolicy, read-modify-write with the policy etag.
 
@@ -272,7 +276,7 @@ class Gateway:
             if attempts or not isinstance(policy, policy_pb2.Policy):
                 policy = await self._get_policy_raw(ref)
             attempts += 1
-            edited = convert.edit_policy(policy, role, add, remove)
+            edited = convert.edit_policy(policy, role, add, remove, grants_remove)
             if edited is None:
                 return bytes(policy.etag)  # already as wanted (someone did it meanwhile)
             request = iam_policy_pb2.SetIamPolicyRequest(resource=ref.resource_name, policy=edited)

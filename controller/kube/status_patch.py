@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.domain.model import Aspect, Condition, Managed, StatusUpdate
-from controller.domain.outcome import CONDITION_TYPES, Prior
+from controller.domain.model import DEFAULT_ROLE, Aspect, Condition, Managed, Reason, StatusUpdate
+from controller.domain.outcome import CONDITION_TYPES, SERVING, Prior
 
-CONDITION_ORDER = ("Ready", *CONDITION_TYPES.values())
+CONDITION_ORDER = ("Ready", *CONDITION_TYPES.values(), SERVING)
 
 
 def timestamp(now: datetime) -> str:
@@ -21,15 +21,30 @@ def timestamp(now: datetime) -> str:
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def managed_of(status: Mapping[str, Any] | None) -> Managed:
-    """status.managed as a Managed (empty when absent or malformed)."""
+def managed_of(status: Mapping[str, Any] | None, role: str = DEFAULT_ROLE) -> Managed:
+    """status.managed as a Managed (empty when absent or malformed).
+
+    Owned members are read with their role from status.managed.invokerRoles ([{role, members}]:
+    a list, so that a merge patch replaces it whole and a role left behind does not linger); a
+    status written before roles were recorded has only status.managed.invokers, taken as members
+    of ``role`` (the spec's role: the one they were granted under unless it was edited since).
+    """
     raw = (status or {}).get("managed") or {}
-    env = raw.get("env") or []
-    invokers = raw.get("invokers") or []
-    return Managed(
-        env=frozenset(x for x in env if isinstance(x, str)),
-        invokers=frozenset(x for x in invokers if isinstance(x, str)),
-    )
+    env = frozenset(x for x in raw.get("env") or [] if isinstance(x, str))
+    by_role = raw.get("invokerRoles")
+    if isinstance(by_role, list):
+        grants = frozenset(
+            (entry["role"], m)
+            for entry in by_role
+            if isinstance(entry, Mapping)
+            and isinstance(entry.get("role"), str)
+            and isinstance(entry.get("members"), list)
+            for m in entry["members"]
+            if isinstance(m, str)
+        )
+        return Managed(env=env, grants=grants)
+    invokers = frozenset(x for x in raw.get("invokers") or [] if isinstance(x, str))
+    return Managed.of(env, role, invokers)
 
 
 def prior_of(status: Mapping[str, Any] | None, generation: int) -> Prior:
@@ -51,7 +66,12 @@ def prior_of(status: Mapping[str, Any] | None, generation: int) -> Prior:
             and conditions.get(kind, {}).get("observedGeneration") == generation
         )
     )
-    ready = conditions.get("Ready", {}).get("status") == "True"
+    ready_condition = conditions.get("Ready", {})
+    # Pinned traffic keeps Ready False while the service holds the spec: not a failure to
+    # announce recovery from with a Synced Event at every check.
+    ready = ready_condition.get("status") == "True" or (
+        ready_condition.get("reason") == Reason.TRAFFIC_PINNED
+    )
     pending = tuple(str(x) for x in (status.get("drift") or {}).get("pending") or [])
     return Prior(synced=synced, ready=ready, pending=pending)
 
@@ -97,6 +117,10 @@ def build_patch(
     previous = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
     computed = [update.ready, *(update.aspects[a] for a in Aspect)]
     conditions = [_condition(c, previous.get(c.type), generation, stamp) for c in computed]
+    if update.serving is not None:
+        conditions.append(_condition(update.serving, previous.get(SERVING), generation, stamp))
+    elif SERVING in previous:
+        conditions.append(previous[SERVING])  # not checked this time: leave it as it was
     # Keep conditions someone else (a future feature) added, in their place after ours.
     conditions += [c for t, c in previous.items() if t not in CONDITION_ORDER]
     want["conditions"] = conditions
@@ -108,9 +132,13 @@ def build_patch(
     if update.checked:
         want["lastSyncTime"] = stamp
     if update.managed is not None:
+        by_role: dict[str, list[str]] = {}
+        for role, member in sorted(update.managed.grants):
+            by_role.setdefault(role, []).append(member)
         want["managed"] = {
             "env": sorted(update.managed.env),
             "invokers": sorted(update.managed.invokers),
+            "invokerRoles": [{"role": r, "members": ms} for r, ms in by_role.items()],
         }
 
     drift = dict(status.get("drift") or {})

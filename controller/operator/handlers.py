@@ -40,10 +40,10 @@ import kopf
 
 from controller import reconcile
 from controller.audit import listener as audit_listener
-from controller.audit.fights import FightPolicy
+from controller.audit.fights import FightDetector, FightPolicy
 from controller.audit.listener import AuditListener
 from controller.check import DEFAULT_RESYNC, check, gateway_for, log, ref_of
-from controller.domain import spec
+from controller.domain import ownership, spec
 from controller.domain.model import DeletionPolicy, Desired, Event, Failure, Reason, Retry
 from controller.gcp.budget import Pacer
 from controller.gcp.errors import GatewayError
@@ -209,6 +209,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             wake=REGISTRY.wake_service,
             fight_policy=FightPolicy(threshold=config.fight_threshold, window=config.fight_window),
             project_allowed=memo.namespaces.project_allowed,
+        )
+    else:
+        # No audit feed: checks still detect fights, from their own repairs (check.py).
+        memo.fights = FightDetector(
+            FightPolicy(threshold=config.fight_threshold, window=config.fight_window)
         )
     log.info(
         "started",
@@ -392,20 +397,27 @@ async def deleted(
         REGISTRY.forget(namespace, name)
         memo.pacer.forget((namespace, name))
         metrics.set_ready(namespace, name, None)
-        if spec.parse_deletion(raw_spec) is not DeletionPolicy.REVOKE:
-            ref_log.info("deleted", deletion="Abandon")
-            return
         try:
             ref = spec.parse_ref(raw_spec)
         except spec.InvalidSpec as exc:
             ref_log.warning("revoke_skipped", message=exc.message)
             return
         container = raw_spec.get("service", {}).get("container") or ""
-        target = Desired(ref=ref, container=container, role=spec.parse_role(raw_spec))
-        gateway = await gateway_for(memo, namespace, target)
-        if not isinstance(gateway, Gateway):  # the binding refuses it: touch nothing
-            ref_log.warning("revoke_skipped", message=gateway.message)
-            kopf.event(body, type="Warning", reason=gateway.reason, message=gateway.message)
+        config: Settings = memo.config
+        target = Desired(
+            ref=ref,
+            container=container,
+            role=spec.parse_role(raw_spec),
+            owner=ownership.owner_id(config.cluster_name, namespace, name),
+        )
+        found = await gateway_for(memo, namespace, target)
+        if not isinstance(found, Gateway):  # the binding refuses it: touch nothing
+            ref_log.warning("revoke_skipped", message=found.message)
+            kopf.event(body, type="Warning", reason=found.reason, message=found.message)
+            return
+        gateway: Gateway = found
+        if spec.parse_deletion(raw_spec) is not DeletionPolicy.REVOKE:
+            await _release(body, gateway, target, retry, ref_log)
             return
         try:
             removed = await reconcile.revoke(gateway, target, status_patch.managed_of(history))
@@ -419,3 +431,34 @@ async def deleted(
         message = f"removed from service {ref}: " + (", ".join(removed) or "nothing left to remove")
         kopf.event(body, type="Normal", reason="Revoked", message=message)
         ref_log.info("deleted", deletion="Revoke", removed=list(removed))
+
+
+# Abandon releases the claim on the service; a release that keeps failing must not keep the
+# object (Abandon never blocked a deletion): a lasting failure (permission denied, ...) at once,
+# a transient one after this many attempts, and the finalizer goes anyway.
+RELEASE_ATTEMPTS = 5
+
+
+async def _release(
+    body: kopf.Body, gateway: Gateway, target: Desired, retry: int, ref_log: Any
+) -> None:
+    """Deletion policy Abandon: GCP stays as it is, except that the claim is released (CONTRACT
+    §6.1), so another Orchestrator may take the service over."""
+    try:
+        released = await reconcile.release(gateway, target)
+    except GatewayError as exc:
+        lasting = exc.failure().retry not in (Retry.TRANSIENT, Retry.QUOTA)
+        if lasting or retry + 1 >= RELEASE_ATTEMPTS:
+            ref_log.warning("release_given_up", message=exc.message, attempts=retry + 1)
+            kopf.event(
+                body,
+                type="Warning",
+                reason="UpdateFailed",
+                message=f"release of the claim on service {target.ref} failed; the annotation "
+                f"runwarden.dev/owner stays (remove it by hand or use takeOver): {exc.message}",
+            )
+            return
+        delay = next_delay(DEFAULT_RESYNC, exc.failure(), retry + 1)
+        ref_log.warning("release_failed", message=exc.message, retry_in=round(delay, 1))
+        raise kopf.TemporaryError(exc.message, delay=delay) from exc
+    ref_log.info("deleted", deletion="Abandon", released=released)

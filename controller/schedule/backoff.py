@@ -58,10 +58,12 @@ def next_delay(
     and the same verification failure again and again (each retry would be one more revision):
     from the resync up, doubling per failure in a row, up to an hour (a success or a spec
     change starts over; the spec change also wakes the loop at once). A spec that can only be
-    fixed by a new spec: never (the spec change wakes the loop).
+    fixed by a new spec: never (the spec change wakes the loop). A standing state that is not
+    this Orchestrator's to fix and costs only reads (OwnedElsewhere): the resync, as if healthy,
+    so that a released claim is taken at the next check.
     """
     uniform = rng.uniform if rng is not None else random.uniform
-    if failure is None:
+    if failure is None or failure.retry is Retry.STEADY:
         return resync * uniform(0.9, 1.1)
     if failure.retry is Retry.SPEC_CHANGE:
         return math.inf

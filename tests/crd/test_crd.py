@@ -182,7 +182,10 @@ def test_a_partial_policy_keeps_its_values_and_gets_the_rest(crds, namespace):
         ("orchestrator.spec.settings.ingress", ["internal-and-cloud-load-balancing"]),
         ("orchestrator.spec.policy.mode", ["Observe never writes"]),
         ("orch.status.drift.count", ["repairs"]),
-        ("orchestrators.status.managed", ["owns"]),
+        ("orchestrators.status.managed", ["owns", "runwarden.dev/owned"]),
+        ("orchestrator.spec.policy.takeOver", ["runwarden.dev/owner", "OwnedElsewhere"]),
+        ("orchestrator.status.managed.invokerRoles", ["spec.invokers.role", "never changed"]),
+        ("orchestrator.status.conditions", ["ServingSynced", "TrafficPinned"]),
     ],
 )
 def test_kubectl_explain_teaches(crds, path, expected):

@@ -110,13 +110,17 @@ def test_apply_becomes_ready_and_service_holds_spec(ready_orchestrator: Orch) ->
     assert state["settings"]["maxInstances"] == 4
 
     st = obj["status"]
-    assert st["managed"] == {"env": ["GCP_PROJECT_ID", "MODE"], "invokers": [MEMBER]}
+    assert st["managed"] == {
+        "env": ["GCP_PROJECT_ID", "MODE"],
+        "invokers": [MEMBER],
+        "invokerRoles": [{"role": "roles/run.invoker", "members": [MEMBER]}],
+    }
     assert st["serviceUri"].startswith("https://")
     assert st["latestReadyRevision"] == state["latestReadyRevision"].rsplit("/", 1)[-1]
     assert st["lastSyncTime"].endswith("Z")
     assert st["drift"]["count"] == 0 and st["drift"]["pending"] == []
     kinds = {c["type"]: c for c in st["conditions"]}
-    assert set(kinds) == {"Ready", "EnvSynced", "InvokersSynced", "SettingsSynced"}
+    assert set(kinds) == {"Ready", "EnvSynced", "InvokersSynced", "SettingsSynced", "ServingSynced"}
     for c in kinds.values():
         assert c["status"] == "True"
         assert c["observedGeneration"] == obj["metadata"]["generation"]
@@ -188,7 +192,11 @@ def test_removed_from_spec_is_pruned(ready_orchestrator: Orch) -> None:
     state = orch.state()
     assert state["env"] == {"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT}
     assert state["iam"][ROLE] == [FOREIGN]
-    assert obj["status"]["managed"] == {"env": ["GCP_PROJECT_ID"], "invokers": []}
+    assert obj["status"]["managed"] == {
+        "env": ["GCP_PROJECT_ID"],
+        "invokers": [],
+        "invokerRoles": [],
+    }
     assert obj["status"]["drift"]["count"] == 0  # a spec change is not drift
 
 

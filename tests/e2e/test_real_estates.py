@@ -174,7 +174,9 @@ async def test_a_removal_that_does_not_stick_stays_owned_and_is_not_drift_repair
     done = await reconcile(gateway, smaller, failed.managed, prior_after(failed))
     assert done.ready.status, done.ready
     assert "MODE" not in emulator.admin.get_service(PROJECT, REGION, service)["env"]
-    assert done.managed == Managed(env=frozenset({"GCP_PROJECT_ID"}), invokers=frozenset({MEMBER}))
+    assert done.managed == Managed.of(
+        env=frozenset({"GCP_PROJECT_ID"}), members=frozenset({MEMBER})
+    )
 
 
 # ------------------------------------------------------- 15.5 normalisations of real Cloud Run

@@ -100,8 +100,8 @@ async def test_first_sync_then_no_drift_costs_one_get_each(
     assert sorted(got["iam"]["roles/run.invoker"]) == sorted([FOREIGN, MEMBER])
     assert got["iam"][OTHER_ROLE] == [FOREIGN]
     assert got["settings"]["maxInstances"] == 7
-    assert managed == Managed(
-        env=frozenset({"GCP_PROJECT_ID", "MODE"}), invokers=frozenset({MEMBER})
+    assert managed == Managed.of(
+        env=frozenset({"GCP_PROJECT_ID", "MODE"}), members=frozenset({MEMBER})
     )
 
     before = emulator.admin.calls()
@@ -345,3 +345,59 @@ async def test_rollout_in_progress_is_not_failed(fresh_emulator: EmulatorProcess
         await rolling
     finally:
         await clients.close()
+
+
+# ---------------------------------------------------------------------- claims, roles, traffic
+
+
+async def test_claim_through_the_real_client_rides_on_the_write_and_is_released(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    from dataclasses import replace
+
+    from controller.reconcile import release
+
+    me = "default/ns/orch"
+    desired = replace(parse(spec(service)), owner=me)
+    update = await reconcile(gateway, desired, Managed(), Prior())
+    assert update.ready.status, update.ready
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert got["annotations"]["runwarden.dev/owner"] == me
+    assert len(got["revisions"]) == 2  # the deploy's, and the one write's: the claim rode on it
+    other = replace(desired, owner="default/other/orch")
+    refused = await reconcile(gateway, other, Managed(), Prior())
+    assert refused.ready.reason == "OwnedElsewhere" and me in refused.ready.message
+    assert await release(gateway, desired)
+    after = emulator.admin.get_service(PROJECT, REGION, service)
+    assert "runwarden.dev/owner" not in after["annotations"]
+    assert after["revisions"] == got["revisions"]  # the release alone made no revision
+    assert after["env"] == got["env"]
+
+
+async def test_role_edit_moves_the_grant_through_one_set_iam_policy(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    _, managed = await converge(gateway, parse(spec(service)))
+    edited = parse(spec(service, invokers={"role": OTHER_ROLE, "members": [MEMBER]}))
+    before = emulator.admin.calls()
+    moved = await reconcile(gateway, edited, managed, Prior())
+    assert moved.ready.status, moved.ready
+    assert delta(before, emulator.admin.calls()).get(f"{RUN}SetIamPolicy") == 1
+    iam = emulator.admin.get_service(PROJECT, REGION, service)["iam"]
+    assert iam["roles/run.invoker"] == [FOREIGN]
+    assert sorted(iam[OTHER_ROLE]) == sorted([FOREIGN, MEMBER])
+
+
+async def test_pinned_traffic_is_read_from_traffic_statuses(
+    gateway: Gateway, emulator: EmulatorProcess, service: str
+) -> None:
+    old = emulator.admin.get_service(PROJECT, REGION, service)["latestReadyRevision"]
+    emulator.admin.put_service(
+        PROJECT, REGION, service, traffic=[{"revision": old, "percent": 100}]
+    )
+    update = await reconcile(gateway, parse(spec(service)), Managed(), Prior())
+    assert update.serving is not None and update.serving.reason == "TrafficPinned"
+    assert f"{old} 100%" in update.serving.message
+    assert not update.ready.status and update.ready.reason == "TrafficPinned"
+    got = emulator.admin.get_service(PROJECT, REGION, service)
+    assert got["trafficStatuses"] == [{"type": "REVISION", "revision": old, "percent": 100}]

@@ -176,3 +176,12 @@ def test_tenancy_flags() -> None:
         Settings.from_cli([], {"RUNWARDEN_NAMESPACE_BINDING": "sometimes"})
     with pytest.raises(SystemExit):
         Settings.from_cli(["--namespace-binding", "sometimes"], {})
+
+
+def test_cluster_name_flag_env_and_default() -> None:
+    assert Settings.from_cli([], {}).cluster_name == "default"
+    assert Settings.from_cli([], {"RUNWARDEN_CLUSTER_NAME": "prod-eu"}).cluster_name == "prod-eu"
+    flag = Settings.from_cli(["--cluster-name", "a"], {"RUNWARDEN_CLUSTER_NAME": "b"})
+    assert flag.cluster_name == "a"
+    with pytest.raises(SystemExit):
+        Settings.from_cli(["--cluster-name", "a/b"], {})

@@ -72,11 +72,13 @@ class FakeGateway:
             )
         return self.state
 
-    async def set_invokers(self, observed: Observed, role: str, add: Any, remove: Any) -> bytes:
+    async def set_invokers(
+        self, observed: Observed, role: str, add: Any, remove: Any, grants_remove: Any = frozenset()
+    ) -> bytes:
         self.calls.append("SetIamPolicy")
         if self.iam_error is not None:
             raise self.iam_error
-        p = Plan(role=role, invokers_add=add, invokers_remove=remove)
+        p = Plan(role=role, invokers_add=add, invokers_remove=remove, grants_remove=grants_remove)
         self.state = simulate(self.state, p)
         return b"etag"
 
@@ -97,7 +99,7 @@ async def test_write_that_does_not_stick_is_verification_failed() -> None:
 async def test_iam_failure_keeps_env_repair_and_owned_names() -> None:
     gw = FakeGateway(iam_error=Unavailable("IAM policy of service x unavailable"))
     gw.state = replace(gw.state, bindings={"roles/run.invoker": frozenset({"user:old@x.com"})})
-    owned = Managed(invokers=frozenset({"user:old@x.com"}))
+    owned = Managed.of(members=frozenset({"user:old@x.com"}))
     update = await reconcile(gw, parse(SPEC), owned, Prior())  # type: ignore[arg-type]
     assert update.aspects[Aspect.ENV].status
     assert update.aspects[Aspect.INVOKERS].reason == "Unavailable"
@@ -139,7 +141,7 @@ def holding_the_spec(rollout: Rollout, **kw: Any) -> FakeGateway:
 
 
 SYNCED = Prior(synced=frozenset(Aspect), ready=True)
-OWNED = Managed(env=frozenset({"A"}), invokers=frozenset({"user:a@example.com"}))
+OWNED = Managed.of(env=frozenset({"A"}), members=frozenset({"user:a@example.com"}))
 
 
 async def test_failed_rollout_is_retried_in_one_update_and_recovers() -> None:
@@ -226,3 +228,99 @@ async def test_repair_after_a_failed_attempt_is_still_drift() -> None:
     assert "Synced" not in [e.reason for e in repaired.events]
     assert history["drift"]["count"] == 1
     assert history["drift"]["last"] == ["invoker user:a@example.com missing"]
+
+
+# ---------------------------------------------------------------------- one owner per service
+
+ME = "default/team-a/orch"
+OTHER = "default/team-b/orch"
+
+
+def owned_by(owner: str) -> FakeGateway:
+    gw = FakeGateway()
+    gw.state = replace(gw.state, owner=owner)
+    return gw
+
+
+async def test_service_claimed_elsewhere_gets_no_write() -> None:
+    gw = owned_by(OTHER)
+    update = await reconcile(gw, replace(parse(SPEC), owner=ME), Managed(), Prior())  # type: ignore[arg-type]
+    assert gw.calls == ["GetService", "GetIamPolicy"]
+    assert not update.ready.status and update.ready.reason == "OwnedElsewhere"
+    assert OTHER in update.ready.message
+    assert update.checked and update.failure is not None
+    assert [e.reason for e in update.events] == ["OwnedElsewhere"]
+
+
+async def test_first_write_claims_and_records_the_owned_names() -> None:
+    gw = owned_by("")
+    update = await reconcile(gw, replace(parse(SPEC), owner=ME), Managed(), Prior())  # type: ignore[arg-type]
+    assert update.ready.status, update.ready
+    (written,) = gw.updates
+    assert written.claim is not None and written.claim.owner == ME
+    assert written.claim.owned == Managed.of(
+        frozenset({"A"}), members=frozenset({"user:a@example.com"})
+    )
+    assert gw.state.owner == ME
+    gw.calls.clear()
+    again = await reconcile(gw, replace(parse(SPEC), owner=ME), update.managed or Managed(), SYNCED)  # type: ignore[arg-type]
+    assert again.ready.reason == "Synced" and gw.calls == ["GetService", "GetIamPolicy"]
+
+
+async def test_an_iam_only_write_claims_with_an_annotation_only_update_first() -> None:
+    gw = owned_by("")
+    gw.state = replace(gw.state, env={"A": EnvValue.literal("1")})
+    await reconcile(gw, replace(parse(SPEC), owner=ME), Managed(), Prior())  # type: ignore[arg-type]
+    assert [c for c in gw.calls if c in ("UpdateService", "SetIamPolicy")] == [
+        "UpdateService",
+        "SetIamPolicy",
+    ]
+    (written,) = gw.updates
+    assert not (written.env_set or written.env_remove or written.settings_set)
+    assert written.claim is not None and gw.state.owner == ME
+
+
+async def test_a_claim_lost_to_a_conflict_writes_nothing_else() -> None:
+    from controller.gcp.errors import Conflict
+
+    gw = owned_by("")
+    gw.update_error = Conflict("service x was modified concurrently", "ABORTED")
+    update = await reconcile(gw, replace(parse(SPEC), owner=ME), Managed(), Prior())  # type: ignore[arg-type]
+    assert "SetIamPolicy" not in gw.calls
+    assert update.aspects[Aspect.INVOKERS].reason == "Conflict"
+
+
+async def test_take_over_claims_and_says_so() -> None:
+    gw = owned_by(OTHER)
+    gw.state = replace(
+        gw.state,
+        env={"A": EnvValue.literal("1")},
+        bindings={"roles/run.invoker": frozenset({"user:a@example.com"})},
+    )
+    spec = {**SPEC, "policy": {"takeOver": True}}
+    update = await reconcile(gw, replace(parse(spec), owner=ME), Managed(), Prior())  # type: ignore[arg-type]
+    assert update.ready.status
+    assert update.events[0].reason == "TakenOver"
+    assert OTHER in update.events[0].message
+    assert gw.state.owner == ME and "SetIamPolicy" not in gw.calls
+
+
+async def test_role_edit_moves_the_grant_and_status_records_the_role() -> None:
+    gw = FakeGateway()
+    first = await reconcile(gw, parse(SPEC), Managed(), Prior())  # type: ignore[arg-type]
+    assert first.managed is not None
+    patch = build_patch({}, first, 1, datetime(2026, 11, 28, tzinfo=UTC))
+    assert patch["managed"]["invokerRoles"] == [
+        {"role": "roles/run.invoker", "members": ["user:a@example.com"]}
+    ]
+    edited = {
+        **SPEC,
+        "invokers": {"role": "roles/run.developer", "members": ["user:a@example.com"]},
+    }
+    # A new generation: the status as written is read back with the roles it recorded.
+    moved = await reconcile(gw, parse(edited), managed_of(patch, "roles/run.developer"), Prior())  # type: ignore[arg-type]
+    assert moved.ready.status, moved.ready
+    assert gw.state.bindings == {"roles/run.developer": frozenset({"user:a@example.com"})}
+    assert moved.managed is not None and moved.managed.grants == {
+        ("roles/run.developer", "user:a@example.com")
+    }

@@ -205,3 +205,58 @@ def test_observe_only() -> None:
     desired = Desired(ref=REF)
     assert observe_only(desired).policy.mode is Mode.OBSERVE
     assert desired.policy.mode is Mode.ENFORCE
+
+
+# ---------------------------------------------------------------------- without the audit feed
+
+
+def test_repairs_at_every_check_are_a_fight_without_any_audit_entry() -> None:
+    """No audit feed: the check path counts its own repairs (fights.begin/end)."""
+    from controller.audit import fights as f
+    from controller.domain.model import Aspect, Condition, DriftReport, ServiceRef, StatusUpdate
+
+    ref = ServiceRef("my-project", "us-west2", "svc")
+    detector = f.FightDetector(f.FightPolicy(threshold=2, window=600, first_backoff=60))
+    repaired = StatusUpdate(
+        ready=Condition("Ready", True, "DriftRepaired", "repaired drift: env A missing"),
+        aspects={},
+        checked=True,
+        drift=DriftReport(
+            detected=("env A missing",), repaired=True, aspects=frozenset({Aspect.ENV})
+        ),
+    )
+    now = 1000.0
+    for i in range(2):
+        assert f.begin(detector, ref, ("resync",), now + i) is None
+        update, hold = f.end(detector, ref, repaired, None, now + i)
+        assert hold is None and update.ready.reason == "DriftRepaired"
+    update, hold = f.end(detector, ref, repaired, None, now + 2)
+    assert hold is not None
+    assert update.ready.reason == "DriftFight" and not update.ready.status
+    assert "an unknown principal" in update.ready.message
+    assert [e.reason for e in update.events] == ["DriftFight"]
+    # During the hold the check runs as Observe; a spec change is applied all the same.
+    assert f.begin(detector, ref, ("resync",), now + 3) == hold
+    assert f.begin(detector, ref, ("spec-update",), now + 3) is None
+    assert f.begin(detector, ref, ("resync",), hold.until + 1) is None
+
+
+def test_without_the_audit_feed_a_clean_check_in_between_is_no_fight() -> None:
+    from controller.audit import fights as f
+    from controller.domain.model import Aspect, Condition, DriftReport, ServiceRef, StatusUpdate
+
+    ref = ServiceRef("my-project", "us-west2", "svc")
+    detector = f.FightDetector(f.FightPolicy(threshold=2, window=600, first_backoff=60))
+    repaired = StatusUpdate(
+        ready=Condition("Ready", True, "DriftRepaired", "repaired drift: env A missing"),
+        aspects={},
+        checked=True,
+        drift=DriftReport(
+            detected=("env A missing",), repaired=True, aspects=frozenset({Aspect.ENV})
+        ),
+    )
+    clean = StatusUpdate(ready=Condition("Ready", True, "Synced", ""), aspects={}, checked=True)
+    for i in range(10):  # drift now and then, each time found and repaired once
+        update, hold = f.end(detector, ref, repaired, None, 1000.0 + 2 * i)
+        assert hold is None and update.ready.reason == "DriftRepaired"
+        f.end(detector, ref, clean, None, 1001.0 + 2 * i)

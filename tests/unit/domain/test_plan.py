@@ -201,7 +201,7 @@ def test_invoker_table(want, have, owned, policy, add, remove):  # type: ignore[
     p = plan(
         desired(invokers=frozenset(want), invoker_policy=policy),
         observed(bindings=bindings),
-        Managed(invokers=frozenset(owned)),
+        Managed.of(members=frozenset(owned)),
     )
     assert p.invokers_add == frozenset(add)
     assert p.invokers_remove == frozenset(remove)
@@ -266,7 +266,9 @@ def test_revoke_removes_only_owned_and_present() -> None:
         env={"MINE": lit("1"), "THEIRS": lit("2")},
         bindings={ROLE: frozenset({SA, FOREIGN}), OTHER_ROLE: frozenset({SA})},
     )
-    p = revoke_plan(obs, ROLE, Managed(env=frozenset({"MINE", "ABSENT"}), invokers=frozenset({SA})))
+    p = revoke_plan(
+        obs, ROLE, Managed.of(env=frozenset({"MINE", "ABSENT"}), members=frozenset({SA}))
+    )
     assert p.env_remove == {"MINE"}
     assert p.invokers_remove == {SA}
     after = simulate(obs, p)
@@ -373,7 +375,7 @@ setting_maps = st.fixed_dictionaries(
 )
 env_policies = st.sampled_from(list(EnvPolicy))
 invoker_policies = st.sampled_from(list(InvokerPolicy))
-manageds = st.builds(Managed, env=st.frozensets(names), invokers=members)
+manageds = st.builds(Managed.of, env=st.frozensets(names), members=members)
 rollouts = st.builds(
     Rollout,
     state=st.sampled_from(list(RolloutState)),

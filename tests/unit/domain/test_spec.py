@@ -138,3 +138,10 @@ def test_ref_and_deletion_survive_a_broken_rest() -> None:
     assert parse_ref(spec).name == "phase3-to-phase4"
     assert parse_deletion(spec) is DeletionPolicy.REVOKE
     assert parse_deletion({"service": FULL["service"]}) is DeletionPolicy.ABANDON
+
+
+def test_take_over() -> None:
+    assert parse(FULL).policy.take_over is False
+    assert parse(mutate("policy.takeOver", True)).policy.take_over is True
+    with pytest.raises(InvalidSpec, match=r"spec\.policy\.takeOver must be a boolean"):
+        parse(mutate("policy.takeOver", "yes"))

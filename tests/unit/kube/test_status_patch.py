@@ -33,7 +33,7 @@ def synced(**kw: object) -> StatusUpdate:
             a: Condition(CONDITION_TYPES[a], True, Reason.SYNCED, "in sync") for a in Aspect
         },
         "checked": True,
-        "managed": Managed(env=frozenset({"B", "A"}), invokers=frozenset({"user:x@example.com"})),
+        "managed": Managed.of(env=frozenset({"B", "A"}), members=frozenset({"user:x@example.com"})),
         "uri": "https://svc.run.app",
         "latest_ready_revision": "svc-00001-abc",
         "pending": (),
@@ -46,7 +46,11 @@ def test_first_patch_has_everything() -> None:
     patch = build_patch({}, synced(), 3, T0)
     assert patch["observedGeneration"] == 3
     assert patch["lastSyncTime"] == "2026-11-28T18:00:00Z"
-    assert patch["managed"] == {"env": ["A", "B"], "invokers": ["user:x@example.com"]}
+    assert patch["managed"] == {
+        "env": ["A", "B"],
+        "invokers": ["user:x@example.com"],
+        "invokerRoles": [{"role": "roles/run.invoker", "members": ["user:x@example.com"]}],
+    }
     assert patch["drift"] == {
         "count": 0,
         "pending": [],
@@ -118,14 +122,18 @@ def test_a_stale_live_status_does_not_hide_what_our_unseen_patch_changed() -> No
     live status still shows the member as owned, our unseen patch says it is not; check 3 must
     send managed, or the server keeps the pruned list and a later undeclare leaks the member."""
     owned = synced()
-    pruned = synced(managed=Managed(env=frozenset({"B", "A"}), invokers=frozenset()))
+    pruned = synced(managed=Managed.of(env=frozenset({"B", "A"}), members=frozenset()))
     live = build_patch({}, owned, 1, T0)  # what the watch still shows
     ours = build_patch(live, pruned, 2, T1)  # check 2's patch, applied, not seen back
     assert ours["managed"]["invokers"] == []
     history = {**live, **ours}
     later = T1 + timedelta(seconds=1)
     again = build_patch(history, owned, 3, later, current=(live, history))
-    assert again["managed"] == {"env": ["A", "B"], "invokers": ["user:x@example.com"]}
+    assert again["managed"] == {
+        "env": ["A", "B"],
+        "invokers": ["user:x@example.com"],
+        "invokerRoles": [{"role": "roles/run.invoker", "members": ["user:x@example.com"]}],
+    }
     # Compared with the stale live view alone, the key would be left out.
     assert "managed" not in build_patch(history, owned, 3, later, current=live)
 
@@ -149,8 +157,8 @@ def test_prior_and_managed_read_back() -> None:
     prior = prior_of(status, 4)
     assert prior.synced == frozenset(Aspect) and prior.ready
     assert prior_of(status, 5).synced == frozenset()  # a new generation: not drift
-    assert managed_of(status) == Managed(
-        env=frozenset({"A", "B"}), invokers=frozenset({"user:x@example.com"})
+    assert managed_of(status) == Managed.of(
+        env=frozenset({"A", "B"}), members=frozenset({"user:x@example.com"})
     )
     assert managed_of(None) == Managed()
     assert managed_of({"managed": {"env": ["A", 3]}}) == Managed(env=frozenset({"A"}))
@@ -226,3 +234,18 @@ def test_heartbeat_zero_or_no_recorded_time_writes_every_check() -> None:
     # A recorded time in the future (a skewed clock) is refreshed rather than trusted.
     future = {"lastSyncTime": "2027-01-01T00:00:00Z"}
     assert economize(steady, future, T1, heartbeat=300) == steady
+
+
+def test_a_role_move_replaces_the_recorded_roles_whole() -> None:
+    """status.managed.invokerRoles is a list: a JSON merge patch replaces it, so the old role
+    does not linger beside the new one (a map would be merged key by key)."""
+    old = synced(managed=Managed.of(members=frozenset({"user:x@example.com"})))
+    moved = synced(
+        managed=Managed.of(role="roles/run.developer", members=frozenset({"user:x@example.com"}))
+    )
+    first = build_patch({}, old, 1, T0)
+    second = build_patch(first, moved, 2, T1)
+    assert second["managed"]["invokerRoles"] == [
+        {"role": "roles/run.developer", "members": ["user:x@example.com"]}
+    ]
+    assert managed_of({**first, **second}).grants == {("roles/run.developer", "user:x@example.com")}

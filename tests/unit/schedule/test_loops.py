@@ -298,3 +298,18 @@ async def test_a_repeated_verification_failure_warns_once() -> None:
     other = Event("Warning", "VerificationFailed", "other")
     loop_.schedule(60, unverified("other"), generation=1)
     assert loop_.events_to_post([other]) == (other,)
+
+
+def test_owned_elsewhere_is_checked_at_the_resync_without_backoff() -> None:
+    """A claim held elsewhere is a standing state: reads at the resync, so that a released
+    claim is taken at the next check, however long it was held."""
+    from controller.domain import ownership
+    from controller.domain.model import Observed, ServiceRef
+    from controller.schedule.backoff import next_delay
+
+    ref = ServiceRef("my-project", "us-west2", "svc")
+    failure = ownership.owned_elsewhere(
+        Observed(ref=ref, container="", env={}, settings={}, bindings={}, owner="c/ns/other")
+    )
+    for attempt in (1, 5, 20):
+        assert 27.0 <= next_delay(30.0, failure, attempt) <= 33.0
