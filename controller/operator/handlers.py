@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,32 +45,59 @@ from controller.gcp.budget import Pacer
 from controller.gcp.clients import Clients, make_clients
 from controller.gcp.errors import GatewayError
 from controller.gcp.gateway import Gateway
-from controller.kube import crd_gate, status_patch, status_writer
+from controller.kube import crd_gate, credentials, status_patch, status_writer
 from controller.obs import metrics
-from controller.operator.login import connect, login
+from controller.operator.login import kube_credentials, login
 from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
 from controller.schedule.backoff import next_delay
 from controller.schedule.drift_loop import REGISTRY, DriftLoop
 from controller.settings import Settings
 
-__all__ = ["cleanup", "deleted", "drift_loop", "login", "run", "spec_changed", "startup"]
+__all__ = [
+    "cleanup",
+    "deleted",
+    "drift_loop",
+    "kube_credentials",
+    "login",
+    "run",
+    "spec_changed",
+    "startup",
+]
 
 GROUP, VERSION, PLURAL = "runwarden.dev", "v1alpha1", "orchestrators"
 FINALIZER = "runwarden.dev/finalizer"
 
 
 def run(settings: Settings) -> None:
-    """Run the operator until SIGTERM/SIGINT, from when the apiserver serves Orchestrators."""
+    """Run the operator until SIGTERM/SIGINT, from when the apiserver serves Orchestrators.
+
+    Exits non-zero (SystemExit) when the apiserver refuses the credentials or there are none
+    (CONTRACT §6.2): liveness fails first, for crd_gate.REFUSED_GRACE seconds.
+    """
     resource = crd_gate.ApiResource(GROUP, VERSION, PLURAL)
-    if not asyncio.run(crd_gate.wait_until_served(resource, connect, liveness=settings.liveness)):
-        return  # stopped while waiting for the CRD
-    kopf.run(
-        standalone=settings.standalone,
-        namespaces=list(settings.namespaces),
-        clusterwide=settings.all_namespaces and not settings.namespaces,
-        liveness_endpoint=settings.liveness,
-        memo=kopf.Memo(config=settings),
-    )
+    connect = credentials.connect
+    served = asyncio.run(crd_gate.wait_until_served(resource, connect, liveness=settings.liveness))
+    if served:
+        stop = threading.Event()
+        threading.Thread(target=_stop_when_refused, args=(stop,), daemon=True).start()
+        kopf.run(
+            standalone=settings.standalone,
+            namespaces=list(settings.namespaces),
+            clusterwide=settings.all_namespaces and not settings.namespaces,
+            liveness_endpoint=settings.liveness,
+            memo=kopf.Memo(config=settings),
+            stop_flag=stop,
+        )
+    if credentials.REFUSALS.failed:
+        raise SystemExit(f"runwarden: {credentials.REFUSALS.message}")
+
+
+def _stop_when_refused(stop: threading.Event) -> None:
+    """Once the credentials are refused while kopf runs: liveness fails (login.kube_credentials;
+    kopf caches probe results for 10 s), then kopf is stopped and run() exits non-zero."""
+    credentials.REFUSALS.event.wait()
+    time.sleep(crd_gate.REFUSED_GRACE)
+    stop.set()
 
 
 # ---------------------------------------------------------------------- operator lifecycle
@@ -94,7 +123,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.clients = clients
     memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
     memo.gateway = Gateway(clients, pacer=memo.pacer)
-    memo.status_writer = status_writer.StatusWriter(connect, GROUP, VERSION, PLURAL)
+    memo.status_writer = status_writer.StatusWriter(credentials.connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     if config.audit_subscription:
