@@ -21,10 +21,20 @@ from controller.domain.model import (
     Plan,
     Reason,
     Retry,
+    RolloutState,
     StatusUpdate,
     WriteRecord,
 )
-from controller.domain.outcome import Prior, failed, in_sync, outcome, report_only, summary
+from controller.domain.outcome import (
+    Prior,
+    failed,
+    in_sync,
+    outcome,
+    report_only,
+    revision_failed,
+    rolling_out,
+    summary,
+)
 from controller.domain.plan import plan, restrict, revoke_plan
 from controller.gcp.errors import GatewayError, ServiceAccountMissing
 from controller.gcp.gateway import Gateway
@@ -33,7 +43,14 @@ _SA_PREFIX = "serviceAccount:"
 
 
 async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prior) -> StatusUpdate:
-    """Make the service hold ``desired`` (or, in Observe mode, only report what it would do)."""
+    """Make the service hold ``desired`` (or, in Observe mode, only report what it would do).
+
+    A rollout is never waited for: the UpdateService returns once Cloud Run has taken the new
+    template, the read-back verifies the template, and while the new revision rolls out the
+    check says Progressing; the check after it (woken when the rollout ends) reads how it
+    ended. A failed rollout of ours is reported (RevisionFailed, backing off) before it is
+    retried, as when the write itself had failed.
+    """
     try:
         observed = await gw.observe(desired.ref, desired.container)
     except GatewayError as exc:
@@ -41,9 +58,24 @@ async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prio
     p = plan(desired, observed, managed)
     if desired.policy.mode is Mode.OBSERVE:
         return report_only(p, observed, prior)
+    failures: dict[Aspect, Failure] = {}
+    events: list[Event] = []
+    if p.rollout_retry is not None and prior.rolling_out:
+        # The rollout the last check started has failed: say so now, retry after the backoff.
+        failure = revision_failed(observed, p.rollout_retry.failed_revision, "retried with backoff")
+        failures = dict.fromkeys(SERVICE_ASPECTS, failure)
+        events.append(Event("Warning", "UpdateFailed", f"UpdateService: {failure.message}"))
+        p = restrict(p, frozenset(Aspect) - SERVICE_ASPECTS)
+        if p.empty:
+            return outcome(
+                p, observed, managed, prior, frozenset(), (), failures, events, WriteRecord()
+            )
     if p.empty:
-        return in_sync(p, observed, prior)
-    return await _enforce(gw, desired, observed, p, managed, prior)
+        update = in_sync(p, observed, prior)
+        if prior.rolling_out and observed.rollout.state is RolloutState.IN_PROGRESS:
+            return rolling_out(update, observed)
+        return update
+    return await _enforce(gw, desired, observed, p, managed, prior, failures, events)
 
 
 async def revoke(gw: Gateway, target: Desired, managed: Managed) -> tuple[str, ...]:
@@ -72,15 +104,20 @@ async def revoke(gw: Gateway, target: Desired, managed: Managed) -> tuple[str, .
 
 
 async def _enforce(
-    gw: Gateway, desired: Desired, observed: Observed, p: Plan, managed: Managed, prior: Prior
+    gw: Gateway,
+    desired: Desired,
+    observed: Observed,
+    p: Plan,
+    managed: Managed,
+    prior: Prior,
+    failures: dict[Aspect, Failure],
+    events: list[Event],
 ) -> StatusUpdate:
     drift = p.aspects & prior.synced
     drift_lines = tuple(line for a in sorted(drift) for line in p.lines(a))
-    events: list[Event] = []
     if drift:
         events.append(Event("Warning", Reason.DRIFT_DETECTED, f"drift: {summary(drift_lines)}"))
 
-    failures: dict[Aspect, Failure] = {}
     try:
         p, dropped = await _drop_missing_service_accounts(gw, p, failures)
     except GatewayError as exc:
@@ -113,7 +150,11 @@ async def _enforce(
             gw, desired, after, p, managed, frozenset(written), dropped, failures, events
         )
 
-    return outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+    update = outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+    ours = bool(written & SERVICE_ASPECTS) or prior.rolling_out
+    if ours and after.rollout.state is RolloutState.IN_PROGRESS:
+        return rolling_out(update, after)
+    return update
 
 
 async def _drop_missing_service_accounts(

@@ -387,3 +387,6 @@ class StatusUpdate:
     events: tuple[Event, ...] = ()
     failure: Failure | None = None  # what went wrong, for the loop's backoff
     wrote: WriteRecord = WriteRecord()
+    # A rollout this controller started is under way (Ready=False Progressing): the loop checks
+    # again when it ends, keeping its backoff streak (the rollout may yet fail).
+    rolling_out: bool = False

@@ -42,6 +42,7 @@ class Prior:
     synced: frozenset[Aspect] = frozenset()
     ready: bool = False  # Ready is True already: success needs no Synced Event
     pending: tuple[str, ...] = ()  # status.drift.pending
+    rolling_out: bool = False  # the last check left a rollout of ours under way (Progressing)
 
 
 def failed(failure: Failure, events: tuple[Event, ...]) -> StatusUpdate:
@@ -213,6 +214,21 @@ def outcome(
         events=tuple(events),
         failure=failure,
         wrote=wrote,
+    )
+
+
+def rolling_out(update: StatusUpdate, after: Observed) -> StatusUpdate:
+    """A rollout this controller started is still under way: Ready=False Progressing (not True:
+    the revision may yet fail), the aspect conditions as they are (the template holds them)."""
+    if update.failure is not None:
+        return replace(update, rolling_out=True)
+    revision = after.rollout.latest_created_revision or "the new revision"
+    message = (
+        f"revision {revision} of service {after.ref} is rolling out; "
+        f"{after.latest_ready_revision or 'the previous revision'} serves until it is ready"
+    )
+    return replace(
+        update, ready=Condition("Ready", False, Reason.PROGRESSING, message), rolling_out=True
     )
 
 

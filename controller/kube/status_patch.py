@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.domain.model import Aspect, Condition, Managed, StatusUpdate
+from controller.domain.model import Aspect, Condition, Managed, Reason, StatusUpdate
 from controller.domain.outcome import CONDITION_TYPES, Prior
 
 CONDITION_ORDER = ("Ready", *CONDITION_TYPES.values())
@@ -53,7 +53,8 @@ def prior_of(status: Mapping[str, Any] | None, generation: int) -> Prior:
     )
     ready = conditions.get("Ready", {}).get("status") == "True"
     pending = tuple(str(x) for x in (status.get("drift") or {}).get("pending") or [])
-    return Prior(synced=synced, ready=ready, pending=pending)
+    rolling = conditions.get("Ready", {}).get("reason") == Reason.PROGRESSING
+    return Prior(synced=synced, ready=ready, pending=pending, rolling_out=rolling)
 
 
 def synced_generations(status: Mapping[str, Any] | None) -> dict[Aspect, int]:

@@ -122,7 +122,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     clients = make_clients(config.gcp_endpoint)
     memo.clients = clients
     memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
-    memo.gateway = Gateway(clients, pacer=memo.pacer)
+    # A rollout started by a check ends in the background: wake that Orchestrator's loop then.
+    memo.gateway = Gateway(
+        clients, pacer=memo.pacer, on_rollout=lambda ref: REGISTRY.wake_service(ref, "rollout")
+    )
     memo.status_writer = status_writer.StatusWriter(credentials.connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
@@ -153,6 +156,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     listener: AuditListener | None = memo.get("audit")
     if listener is not None:
         await listener.stop()
+    gateway: Gateway | None = memo.get("gateway")
+    if gateway is not None:
+        await gateway.close()
     clients: Clients | None = memo.get("clients")
     if clients is not None:
         await clients.close()

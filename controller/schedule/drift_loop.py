@@ -122,9 +122,15 @@ class DriftLoop:
         rng: random.Random | None = None,
         *,
         generation: int | None = None,
+        rolling_out: bool = False,
     ) -> float:
         """Set when the next check is due after a check that read ``generation`` of the spec;
-        returns the delay in seconds."""
+        returns the delay in seconds.
+
+        ``rolling_out``: the check left a rollout of ours under way. That is not a success yet
+        (the failed-rollout streak stays as it is, so retries keep backing off); the end of the
+        rollout wakes the loop, the resync is only the fallback.
+        """
         self.checks += 1
         if generation is not None:
             if self.checked_generation is not None and generation != self.checked_generation:
@@ -132,7 +138,8 @@ class DriftLoop:
                 self.streak = Streak()
                 self.warned = frozenset()
             self.checked_generation = generation
-        self.streak = self.streak.after(failure)
+        if not (rolling_out and failure is None):
+            self.streak = self.streak.after(failure)
         if failure is None and self.checks == 1:
             delay = first_delay(resync, rng)
         else:

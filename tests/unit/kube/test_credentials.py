@@ -21,7 +21,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-
 from kubernetes.config import incluster_config, kube_config
 
 from controller.kube import crd_gate, credentials
