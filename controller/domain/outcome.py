@@ -219,17 +219,22 @@ def outcome(
 
 def rolling_out(update: StatusUpdate, after: Observed) -> StatusUpdate:
     """A rollout this controller started is still under way: Ready=False Progressing (not True:
-    the revision may yet fail), the aspect conditions as they are (the template holds them)."""
-    if update.failure is not None:
-        return replace(update, rolling_out=True)
+    the revision may yet fail; another failure keeps its reason), and the env and settings
+    conditions that hold say Progressing too (the template holds them; the next check reads
+    whether the revision made of it serves: status_patch.prior_of)."""
     revision = after.rollout.latest_created_revision or "the new revision"
     message = (
         f"revision {revision} of service {after.ref} is rolling out; "
         f"{after.latest_ready_revision or 'the previous revision'} serves until it is ready"
     )
-    return replace(
-        update, ready=Condition("Ready", False, Reason.PROGRESSING, message), rolling_out=True
-    )
+    aspects = dict(update.aspects)
+    for a in SERVICE_ASPECTS:
+        if aspects[a].status:
+            aspects[a] = Condition(CONDITION_TYPES[a], True, Reason.PROGRESSING, message)
+    ready = update.ready
+    if update.failure is None:
+        ready = Condition("Ready", False, Reason.PROGRESSING, message)
+    return replace(update, ready=ready, aspects=aspects, rolling_out=True)
 
 
 def summary(lines: list[str] | tuple[str, ...], limit: int = 10) -> str:

@@ -10,7 +10,14 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.domain.model import Aspect, Condition, Managed, Reason, StatusUpdate
+from controller.domain.model import (
+    SERVICE_ASPECTS,
+    Aspect,
+    Condition,
+    Managed,
+    Reason,
+    StatusUpdate,
+)
 from controller.domain.outcome import CONDITION_TYPES, Prior
 
 CONDITION_ORDER = ("Ready", *CONDITION_TYPES.values())
@@ -53,7 +60,10 @@ def prior_of(status: Mapping[str, Any] | None, generation: int) -> Prior:
     )
     ready = conditions.get("Ready", {}).get("status") == "True"
     pending = tuple(str(x) for x in (status.get("drift") or {}).get("pending") or [])
-    rolling = conditions.get("Ready", {}).get("reason") == Reason.PROGRESSING
+    rolling = any(
+        conditions.get(kind, {}).get("reason") == Reason.PROGRESSING
+        for kind in ("Ready", *(CONDITION_TYPES[a] for a in SERVICE_ASPECTS))
+    )
     return Prior(synced=synced, ready=ready, pending=pending, rolling_out=rolling)
 
 
