@@ -180,3 +180,19 @@ def test_status_from_before_synced_generation_still_counts_conditions() -> None:
     assert prior_of({"drift": {"syncedGeneration": {"env": "2", "invokers": True}}}, 2).synced == (
         frozenset()
     )
+
+
+def test_a_rollout_under_way_is_read_back_as_rolling_out() -> None:
+    """Progressing on Ready or on a service aspect (another failure may own Ready)."""
+    on_ready = {"conditions": [{"type": "Ready", "status": "False", "reason": "Progressing"}]}
+    on_env = {
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "ServiceAccountNotFound"},
+            {"type": "EnvSynced", "status": "True", "reason": "Progressing"},
+        ]
+    }
+    synced = {"conditions": [{"type": "Ready", "status": "True", "reason": "Synced"}]}
+    assert prior_of(on_ready, 1).rolling_out
+    assert prior_of(on_env, 1).rolling_out
+    assert not prior_of(synced, 1).rolling_out
+    assert not prior_of(None, 1).rolling_out

@@ -298,3 +298,16 @@ async def test_a_repeated_verification_failure_warns_once() -> None:
     other = Event("Warning", "VerificationFailed", "other")
     loop_.schedule(60, unverified("other"), generation=1)
     assert loop_.events_to_post([other]) == (other,)
+
+
+async def test_a_rollout_under_way_keeps_the_failed_rollout_streak() -> None:
+    """Failed rollout, retry (its rollout under way: no failure yet), failed again: the second
+    failure backs off as the second, not as a first after a success."""
+    loop_ = DriftLoop(("ns", "a"))
+    rng = random.Random(5)
+    loop_.schedule(60, failure(Retry.SLOWLY), rng)
+    loop_.schedule(60, None, rng, rolling_out=True)
+    assert loop_.streak == Streak(Retry.SLOWLY, 1)
+    assert loop_.schedule(60, failure(Retry.SLOWLY), rng) >= 2 * 60 * 0.9
+    loop_.schedule(60, None, rng)  # served at last: a success resets
+    assert loop_.streak == Streak()
