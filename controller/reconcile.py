@@ -32,6 +32,7 @@ from controller.domain.outcome import (
     outcome,
     report_only,
     revision_failed,
+    rolled_out,
     rolling_out,
     summary,
 )
@@ -74,6 +75,8 @@ async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prio
         update = in_sync(p, observed, prior)
         if prior.rolling_out and observed.rollout.state is RolloutState.IN_PROGRESS:
             return rolling_out(update, observed)
+        if prior.rolling_out and not failures:
+            return rolled_out(update, prior)
         return update
     return await _enforce(gw, desired, observed, p, managed, prior, failures, events)
 

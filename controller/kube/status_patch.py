@@ -64,7 +64,14 @@ def prior_of(status: Mapping[str, Any] | None, generation: int) -> Prior:
         conditions.get(kind, {}).get("reason") == Reason.PROGRESSING
         for kind in ("Ready", *(CONDITION_TYPES[a] for a in SERVICE_ASPECTS))
     )
-    return Prior(synced=synced, ready=ready, pending=pending, rolling_out=rolling)
+    repaired = frozenset(
+        a
+        for a, kind in CONDITION_TYPES.items()
+        if conditions.get(kind, {}).get("reason") == Reason.DRIFT_REPAIRED
+    )
+    return Prior(
+        synced=synced, ready=ready, pending=pending, rolling_out=rolling, repaired=repaired
+    )
 
 
 def synced_generations(status: Mapping[str, Any] | None) -> dict[Aspect, int]:

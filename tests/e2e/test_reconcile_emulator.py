@@ -59,6 +59,7 @@ def prior_after(update: StatusUpdate) -> Prior:
         ready=update.ready.status,
         pending=update.pending or (),
         rolling_out=update.rolling_out,
+        repaired=frozenset(a for a, c in update.aspects.items() if c.reason == "DriftRepaired"),
     )
 
 
