@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from controller.domain.model import (
+    SERVICE_ASPECTS,
     Aspect,
     Change,
     Desired,
