@@ -50,7 +50,7 @@ from controller.obs import metrics
 from controller.operator.login import kube_credentials, login
 from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
 from controller.schedule.backoff import next_delay
-from controller.schedule.drift_loop import REGISTRY, DriftLoop
+from controller.schedule.drift_loop import REGISTRY, ROLLOUT_WAKE, DriftLoop
 from controller.settings import Settings
 
 __all__ = [
@@ -124,7 +124,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.pacer = Pacer(config.reads_per_minute, config.writes_per_minute)
     # A rollout started by a check ends in the background: wake that Orchestrator's loop then.
     memo.gateway = Gateway(
-        clients, pacer=memo.pacer, on_rollout=lambda ref: REGISTRY.wake_service(ref, "rollout")
+        clients, pacer=memo.pacer, on_rollout=lambda ref: REGISTRY.wake_service(ref, ROLLOUT_WAKE)
     )
     memo.status_writer = status_writer.StatusWriter(credentials.connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
