@@ -131,7 +131,9 @@ async def check(
     loop.written.update(status_patch)
     if update.wrote.generation is not None or update.wrote.iam_etag is not None:
         loop.last_write = update.wrote
-    delay = loop.schedule(period, update.failure, generation=generation)
+    delay = loop.schedule(
+        period, update.failure, generation=generation, rolling_out=update.rolling_out
+    )
     for event in loop.events_to_post(update.events):
         post_event(event)
 

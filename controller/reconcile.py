@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from controller.domain import ownership
 from controller.domain.model import (
+    SERVICE_ASPECTS,
     Aspect,
     Change,
     Desired,
@@ -22,6 +23,7 @@ from controller.domain.model import (
     Plan,
     Reason,
     Retry,
+    RolloutState,
     StatusUpdate,
     WriteRecord,
 )
@@ -32,6 +34,9 @@ from controller.domain.outcome import (
     outcome,
     owned_elsewhere,
     report_only,
+    revision_failed,
+    rolled_out,
+    rolling_out,
     summary,
     with_serving,
 )
@@ -44,7 +49,14 @@ _SA_PREFIX = "serviceAccount:"
 
 
 async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prior) -> StatusUpdate:
-    """Make the service hold ``desired`` (or, in Observe mode, only report what it would do)."""
+    """Make the service hold ``desired`` (or, in Observe mode, only report what it would do).
+
+    A rollout is never waited for: the UpdateService returns once Cloud Run has taken the new
+    template, the read-back verifies the template, and while the new revision rolls out the
+    check says Progressing; the check after it (woken when the rollout ends) reads how it
+    ended. A failed rollout of ours is reported (RevisionFailed, backing off) before it is
+    retried, as when the write itself had failed.
+    """
     try:
         observed = await gw.observe(desired.ref, desired.container)
     except GatewayError as exc:
@@ -68,11 +80,31 @@ async def reconcile(gw: Gateway, desired: Desired, managed: Managed, prior: Prio
                 "(spec.policy.takeOver)",
             ),
         )
+    failures: dict[Aspect, Failure] = {}
+    events: list[Event] = []
+    if p.rollout_retry is not None and prior.rolling_out:
+        # The rollout the last check started has failed: say so now, retry after the backoff.
+        failure = revision_failed(observed, p.rollout_retry.failed_revision, "retried with backoff")
+        failures = dict.fromkeys(SERVICE_ASPECTS, failure)
+        events.append(Event("Warning", "UpdateFailed", f"UpdateService: {failure.message}"))
+        p = restrict(p, frozenset(Aspect) - SERVICE_ASPECTS)
+        if p.empty:
+            return with_serving(
+                outcome(
+                    p, observed, managed, prior, frozenset(), (), failures, events, WriteRecord()
+                ),
+                observed,
+            )
     if p.empty:
-        return with_serving(in_sync(p, observed, prior), observed)
+        update = in_sync(p, observed, prior)
+        if prior.rolling_out and observed.rollout.state is RolloutState.IN_PROGRESS:
+            update = rolling_out(update, observed)
+        elif prior.rolling_out and not failures:
+            update = rolled_out(update, prior)
+        return with_serving(update, observed)
     if p.claim is None:
         p = replace(p, claim=ownership.claim_for(desired, observed, p))
-    update = await _enforce(gw, desired, observed, p, managed, prior)
+    update = await _enforce(gw, desired, observed, p, managed, prior, failures, events)
     if update.wrote.generation is None:
         return update  # the claim was not written: nothing taken over (yet)
     return replace(update, events=(*taken, *update.events))
@@ -127,15 +159,20 @@ async def release(gw: Gateway, target: Desired) -> bool:
 
 
 async def _enforce(
-    gw: Gateway, desired: Desired, observed: Observed, p: Plan, managed: Managed, prior: Prior
+    gw: Gateway,
+    desired: Desired,
+    observed: Observed,
+    p: Plan,
+    managed: Managed,
+    prior: Prior,
+    failures: dict[Aspect, Failure],
+    events: list[Event],
 ) -> StatusUpdate:
     drift = p.aspects & prior.synced
     drift_lines = tuple(line for a in sorted(drift) for line in p.lines(a))
-    events: list[Event] = []
     if drift:
         events.append(Event("Warning", Reason.DRIFT_DETECTED, f"drift: {summary(drift_lines)}"))
 
-    failures: dict[Aspect, Failure] = {}
     try:
         p, dropped = await _drop_missing_service_accounts(gw, p, failures)
     except GatewayError as exc:
@@ -181,6 +218,9 @@ async def _enforce(
         )
 
     update = outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+    ours = bool(written & SERVICE_ASPECTS) or prior.rolling_out
+    if ours and after.rollout.state is RolloutState.IN_PROGRESS:
+        update = rolling_out(update, after)
     return with_serving(update, after)
 
 

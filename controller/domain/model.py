@@ -465,3 +465,6 @@ class StatusUpdate:
     failure: Failure | None = None  # what went wrong, for the loop's backoff
     wrote: WriteRecord = WriteRecord()
     serving: Condition | None = None  # ServingSynced; None = leave it as it is
+    # A rollout this controller started is under way (Ready=False Progressing): the loop checks
+    # again when it ends, keeping its backoff streak (the rollout may yet fail).
+    rolling_out: bool = False

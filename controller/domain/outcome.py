@@ -45,6 +45,8 @@ class Prior:
     # Synced Event
     ready: bool = False
     pending: tuple[str, ...] = ()  # status.drift.pending
+    rolling_out: bool = False  # the last check left a rollout of ours under way (Progressing)
+    repaired: frozenset[Aspect] = frozenset()  # aspects whose condition says DriftRepaired
 
 
 def failed(failure: Failure, events: tuple[Event, ...]) -> StatusUpdate:
@@ -219,6 +221,39 @@ def outcome(
         failure=failure,
         wrote=wrote,
     )
+
+
+def rolling_out(update: StatusUpdate, after: Observed) -> StatusUpdate:
+    """A rollout this controller started is still under way: Ready=False Progressing (not True:
+    the revision may yet fail). When another failure owns Ready, the env and settings conditions
+    that hold say Progressing instead, so that the next check still knows (prior_of)."""
+    revision = after.rollout.latest_created_revision or "the new revision"
+    message = (
+        f"revision {revision} of service {after.ref} is rolling out; "
+        f"{after.latest_ready_revision or 'the previous revision'} serves until it is ready"
+    )
+    if update.failure is None:
+        ready = Condition("Ready", False, Reason.PROGRESSING, message)
+        return replace(update, ready=ready, rolling_out=True)
+    aspects = dict(update.aspects)
+    for a in SERVICE_ASPECTS:
+        if aspects[a].status:
+            aspects[a] = Condition(CONDITION_TYPES[a], True, Reason.PROGRESSING, message)
+    return replace(update, aspects=aspects, rolling_out=True)
+
+
+def rolled_out(update: StatusUpdate, prior: Prior) -> StatusUpdate:
+    """Our rollout has ended and serves: a repair it carried is complete only now, so Ready
+    says DriftRepaired (once) rather than Synced."""
+    if not prior.repaired:
+        return update
+    aspects = dict(update.aspects)
+    for a in prior.repaired:
+        aspects[a] = Condition(CONDITION_TYPES[a], True, Reason.DRIFT_REPAIRED, "repaired")
+    ready = Condition(
+        "Ready", True, Reason.DRIFT_REPAIRED, "repaired drift; the new revision serves"
+    )
+    return replace(update, ready=ready, aspects=aspects)
 
 
 def summary(lines: list[str] | tuple[str, ...], limit: int = 10) -> str:

@@ -7,6 +7,7 @@ this module only as the small vocabulary below, each carrying its condition reas
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import time
@@ -40,9 +41,10 @@ from controller.gcp.errors import (
     retry_delay,
     translate,
 )
-from controller.obs import metrics
+from controller.obs import logs, metrics
 
 T = TypeVar("T")
+log = logs.get("runwarden.gcp")
 
 # Reads are idempotent: a transient failure is retried inside the call, with this one policy
 # for every read (GetService, GetIamPolicy, GetServiceAccount). The gateway wraps each read in
@@ -99,6 +101,7 @@ class Gateway:
         pacer: Pacer | None = None,
         fence: Callable[[], float] | None = None,
         write_metadata: tuple[tuple[str, str], ...] = (),
+        on_rollout: Callable[[ServiceRef], object] | None = None,
     ) -> None:
         self._run = clients.run
         # Leader election: seconds this replica may still write (controller.kube.lease), asked
@@ -113,6 +116,8 @@ class Gateway:
         self._rollout_timeout = rollout_timeout
         self._sa_cache_seconds = sa_cache_seconds
         self._sa_seen: dict[str, float] = {}  # email -> monotonic time it was last seen
+        self._on_rollout = on_rollout  # told when a rollout started by update_service ends
+        self._rollouts: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ reads
 
@@ -189,12 +194,18 @@ class Gateway:
     # ------------------------------------------------------------------ writes
 
     async def update_service(self, observed: Observed, plan: Plan) -> Observed:
-        """Apply the plan's env and settings in ONE UpdateService and wait for the rollout.
+        """Apply the plan's env and settings in ONE UpdateService; do not wait for the rollout.
 
         Starts from the service exactly as observed, etag included, so a concurrent deploy by
         someone else makes this write fail with a conflict instead of silently reverting it.
         A rollout retry sets the attempt annotation on the template, so Cloud Run makes a new
         revision even where nothing else changes.
+
+        Returns the service as the update left it (the operation's metadata: the new template,
+        its rollout in progress). The rollout is awaited in the background, never by the caller
+        (a check holds its object's lock: a spec change or a deletion would wait behind a
+        rollout of up to ``rollout_timeout``); ``on_rollout(ref)`` is called when it ends, and
+        the next check reads how it ended (Observed.rollout).
         """
         if observed.service_handle is None:
             raise ValueError("observed has no service to update")
@@ -231,26 +242,46 @@ class Gateway:
                 region=observed.ref.region,
                 write=True,
             )
-            _tune_polling(operation)
+        raw = operation.operation
+        if raw.done and raw.HasField("error"):
+            raise _operation_failed(operation, observed.ref)
+        _tune_polling(operation)
+        self._await_rollout(operation, observed.ref)
+        try:
+            # The Service as the update left it (run/v2/service.proto: UpdateService's
+            # operation_info is response_type Service, metadata_type Service).
+            updated: Any = operation.metadata
+        except (TypeError, ValueError):
+            updated = None
+        if not updated or not updated.template.containers:
+            return observed  # the operation does not say: the read-back will
+        return convert.observed(observed.ref, observed.container, updated, observed.policy_handle)
+
+    def _await_rollout(self, operation: Any, ref: ServiceRef) -> None:
+        """Wait for the operation in the background (bounded by rollout_timeout), then tell
+        ``on_rollout``. Its outcome is not kept: the next check reads the service."""
+
+        async def wait() -> None:
             try:
-                result = await operation.result(timeout=self._rollout_timeout)
-            except gexc.GoogleAPICallError as exc:
-                if exc.grpc_status_code is not None:
-                    raise  # the polling itself failed: translated below
-                # The operation finished with an error status (api-core keeps only the raw one).
-                error = operation.operation.error
-                if error.code == grpc.StatusCode.ABORTED.value[0]:
-                    raise Conflict(
-                        f"the update of service {observed.ref} was superseded by another",
-                        "ABORTED",
-                    ) from exc
-                revision = convert.rolled_out_revision(operation)
-                raise RevisionFailed(
-                    f"{f'revision {revision}' if revision else 'the new revision'} of service "
-                    f"{observed.ref} failed to become ready; the previous revision keeps serving",
-                    code=code_name(error.code),
-                ) from exc
-        return convert.observed(observed.ref, observed.container, result, observed.policy_handle)
+                await operation.result(timeout=self._rollout_timeout)
+            except Exception as exc:  # the service says how it ended; this is only the wake
+                log.debug("rollout_ended", service=str(ref), error=type(exc).__name__)
+            if self._on_rollout is not None:
+                self._on_rollout(ref)
+
+        if operation.operation.done:
+            if self._on_rollout is not None:
+                self._on_rollout(ref)
+            return
+        task = asyncio.get_running_loop().create_task(wait())
+        self._rollouts.add(task)
+        task.add_done_callback(self._rollouts.discard)
+
+    async def close(self) -> None:
+        """Stop waiting for rollouts (the process is stopping)."""
+        for task in list(self._rollouts):
+            task.cancel()
+        await asyncio.gather(*self._rollouts, return_exceptions=True)
 
     async def set_invokers(
         self,
@@ -387,6 +418,19 @@ class Gateway:
             raise
         metrics.GCP_REQUESTS.labels(method=method, code="OK").inc()
         return result
+
+
+def _operation_failed(operation: Any, ref: ServiceRef) -> Exception:
+    """The error of an UpdateService operation that finished at once with an error status."""
+    error = operation.operation.error
+    if error.code == grpc.StatusCode.ABORTED.value[0]:
+        return Conflict(f"the update of service {ref} was superseded by another", "ABORTED")
+    revision = convert.rolled_out_revision(operation)
+    return RevisionFailed(
+        f"{f'revision {revision}' if revision else 'the new revision'} of service "
+        f"{ref} failed to become ready; the previous revision keeps serving",
+        code=code_name(error.code),
+    )
 
 
 def _tune_polling(operation: Any) -> None:

@@ -103,6 +103,10 @@ class Gateways:
         return self._source
 
     async def close(self) -> None:
+        """Stop every gateway's background rollout waits, then close every client."""
+        for gateway in self._gateways.values():
+            await gateway.close()
+        self._gateways.clear()
         for clients in self.clients.values():
             await clients.close()
         self.clients.clear()

@@ -14,6 +14,11 @@ and version in ``/apis``, the plural in ``/apis/GROUP/VERSION``): kopf's first s
 it. Until then the process waits, alive (its liveness endpoint answers: waiting is not a fault a
 restart would fix) and says what it is waiting for. Discovery is readable by every authenticated
 identity (``system:discovery``), so this needs no RBAC of its own.
+
+Which is also why a 401 or 403 here is not "not served yet": the apiserver refused the
+credentials (a kubeconfig whose exec plugin gave nothing goes out anonymous: 403). After one
+attempt with credentials loaded again, that is an error naming the status code: liveness fails
+(REFUSED_GRACE, so a probe sees it) and the wait ends; the caller exits non-zero.
 """
 
 from __future__ import annotations
@@ -23,23 +28,29 @@ import contextlib
 import signal
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import aiohttp.web
 
+from controller.kube import credentials
 from controller.obs import logs
 
 POLL_SECONDS = 1.0  # how soon after the CRD is served the controller starts serving it
 REMIND_SECONDS = 60.0  # repeat the "waiting" line this often
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10)
+REFUSED_CODES = frozenset({401, 403})
+# After refused credentials: liveness fails this long before the process exits (CONTRACT §6.2:
+# exit within 60 s), so that a probe, or a person, sees why.
+REFUSED_GRACE = 20.0
 
 log = logs.get("runwarden.crdwait")
 
-# A fresh (server URL, session) with the current credentials, or None when there are none.
-Connect = Callable[[], tuple[str, aiohttp.ClientSession] | None]
+# (server URL, a new session) with the current credentials (``fresh``: loaded again first);
+# raises credentials.NoCredentials when there are none.
+Connect = Callable[[bool], Awaitable[tuple[str, aiohttp.ClientSession]]]
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,10 @@ async def wait_until_served(
     poll: float = POLL_SECONDS,
     remind: float = REMIND_SECONDS,
 ) -> bool:
-    """Return once the apiserver serves ``resource``: True, or False when SIGTERM/SIGINT came
-    first (then the caller should exit without starting kopf).
+    """Return once the apiserver serves ``resource``: True; or False when SIGTERM/SIGINT came
+    first, or there are no credentials, or the apiserver refused them (then the caller should
+    exit without starting kopf; ``credentials.REFUSALS`` tells a refusal apart).
 
-    Returns True at once when there are no credentials at all: kopf reports that its own way.
     Errors reaching the apiserver are logged and retried; they never end the wait.
     """
     started = time.monotonic()
@@ -91,7 +102,9 @@ async def wait_until_served(
         loop.add_signal_handler(signum, stop.set)
     try:
         found = await _check(resource, connect)
-        if found is not False:
+        if found is None:
+            return await _refused(liveness, resource, stop)
+        if found:
             return True
         log.warning(
             "waiting_for_crd",
@@ -111,7 +124,11 @@ async def wait_until_served(
                     return False
                 quiet = time.monotonic() - reminded < remind
                 found = await _check(resource, connect, quiet=quiet)
-                if found is not False:
+                if found is None:  # liveness fails from now on (see alive)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), REFUSED_GRACE)
+                    return False
+                if found:
                     log.info(
                         "crd_served",
                         crd=resource.crd,
@@ -131,24 +148,43 @@ async def wait_until_served(
             loop.remove_signal_handler(signum)
 
 
+async def _refused(endpoint: str | None, resource: ApiResource, stop: asyncio.Event) -> bool:
+    """Without usable credentials: liveness fails for REFUSED_GRACE (or until SIGTERM), then
+    False."""
+    async with alive(endpoint, {"waiting_for_crd": resource.crd}):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REFUSED_GRACE)
+    return False
+
+
 async def _check(resource: ApiResource, connect: Connect, quiet: bool = False) -> bool | None:
-    """True/False: served or not; None: no credentials (do not wait). A failed request is False
-    (logged unless ``quiet``)."""
-    try:
-        connection = connect()
-    except Exception as exc:  # e.g. an unreadable kubeconfig: kopf reports it its own way
-        log.warning("crd_check_skipped", crd=resource.crd, error=_describe(exc))
-        return None
-    if connection is None:
-        return None
-    server, session = connection
-    async with session:
+    """True/False: served or not; None: no credentials, or the apiserver refused them (logged
+    as an error; see credentials.REFUSALS). Any other failed request is False (logged unless
+    ``quiet``)."""
+    for fresh in (False, True):
         try:
-            return await served(session, server, resource)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            if not quiet:
-                log.warning("crd_check_failed", crd=resource.crd, error=_describe(exc))
-            return False
+            server, session = await connect(fresh)
+        except credentials.NoCredentials as exc:
+            credentials.REFUSALS.missing(str(exc))
+            return None
+        async with session:
+            try:
+                return await served(session, server, resource)
+            except aiohttp.ClientResponseError as exc:
+                if exc.status not in REFUSED_CODES:
+                    if not quiet:
+                        log.warning("crd_check_failed", crd=resource.crd, error=_describe(exc))
+                    return False
+                if fresh:
+                    credentials.REFUSALS.refuse(
+                        exc.status, "GET /apis (API discovery)", exc.message
+                    )
+                    return None
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                if not quiet:
+                    log.warning("crd_check_failed", crd=resource.crd, error=_describe(exc))
+                return False
+    raise AssertionError("unreachable")
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
@@ -181,6 +217,9 @@ async def alive(endpoint: str | None, payload: dict[str, Any]) -> AsyncIterator[
         return
 
     async def healthy(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        refusals = credentials.REFUSALS
+        if refusals.failed:
+            return aiohttp.web.json_response({"error": refusals.message}, status=503)
         return aiohttp.web.json_response(payload)
 
     app = aiohttp.web.Application()

@@ -17,7 +17,8 @@ lease duration of its own observation, which starts no earlier than that renewal
 Why not the ``kubernetes`` package's leaderelection module: it runs in a thread with blocking
 calls and callbacks, and does not expose the time of the last successful renewal that fencing
 needs; the controller is asyncio, and already talks to the apiserver with its own credentials
-(controller.operator.login.connect), as the status writer does.
+(controller.kube.credentials.connect), as the status writer does. A 401 loads the credentials
+again; refused once more, it is recorded (credentials.REFUSALS: the process ends).
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
+from controller.kube import credentials
 from controller.obs import logs
 
-Connect = Callable[[], "tuple[str, aiohttp.ClientSession] | None"]
+# (server URL, a new session) with the current credentials (``fresh``: loaded again first);
+# raises credentials.NoCredentials when there are none.
+Connect = Callable[[bool], Awaitable[tuple[str, aiohttp.ClientSession]]]
 log = logs.get("runwarden.lease")
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
@@ -74,6 +78,8 @@ class Lease:
         self.retry = duration / 5
         self._connect = connect
         self._conn: tuple[str, aiohttp.ClientSession] | None = None
+        self._conn_fresh = False  # the session's credentials were loaded again (after a 401)
+        self._refresh = False  # the apiserver said 401: load the credentials again first
         self._clock = clock
         self._valid_from: float | None = None  # clock() at the start of the last renewal that held
         self._observed: tuple[str, float] | None = None  # (resourceVersion, clock() first seen)
@@ -229,11 +235,16 @@ class Lease:
         )
         return f"{base}/{name}" if name else base
 
-    def _session(self) -> tuple[str, aiohttp.ClientSession]:
-        if self._conn is None:
-            self._conn = self._connect()
-        if self._conn is None:
-            raise LeaseError("no Kubernetes credentials (in-cluster or KUBECONFIG)")
+    async def _session(self) -> tuple[str, aiohttp.ClientSession]:
+        if self._conn is None or self._refresh:
+            fresh, self._refresh = self._refresh, False
+            await self._reconnect()
+            try:
+                self._conn = await self._connect(fresh)
+            except credentials.NoCredentials as exc:
+                credentials.REFUSALS.missing(str(exc))
+                raise LeaseError(f"no Kubernetes credentials: {exc}") from exc
+            self._conn_fresh = fresh
         return self._conn
 
     async def _reconnect(self) -> None:
@@ -242,7 +253,7 @@ class Lease:
             await old[1].close()
 
     async def _get(self) -> dict[str, Any] | None:
-        server, session = self._session()
+        server, session = await self._session()
         async with session.get(self._url(server, self.name), timeout=self._timeout) as resp:
             text = await resp.text()
             if resp.status == 404:
@@ -252,7 +263,7 @@ class Lease:
             return found if isinstance(found, dict) else None
 
     async def _create(self, body: dict[str, Any]) -> bool:
-        server, session = self._session()
+        server, session = await self._session()
         async with session.post(self._url(server), json=body, timeout=self._timeout) as resp:
             text = await resp.text()
             if resp.status == 409:
@@ -261,7 +272,7 @@ class Lease:
             return True
 
     async def _put(self, lease: dict[str, Any]) -> bool:
-        server, session = self._session()
+        server, session = await self._session()
         url = self._url(server, self.name)
         async with session.put(url, json=lease, timeout=self._timeout) as resp:
             text = await resp.text()
@@ -278,6 +289,12 @@ class Lease:
         except (ValueError, AttributeError):
             message = text[:200]
         hint = ""
+        if status == 401:
+            if self._conn_fresh:
+                where = f"{verb} Lease {self._ref()}"
+                credentials.REFUSALS.refuse(401, where, message)
+            else:
+                self._refresh = True  # rotated credentials: load them again and retry
         if status in (401, 403):
             hint = (
                 f"; grant get, create and update on leases.coordination.k8s.io in namespace "

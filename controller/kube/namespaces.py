@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from controller.domain.tenancy import Binding, BindingMode, project_allowed_anywhere
+from controller.kube import credentials
 from controller.kube.status_writer import TIMEOUT, Connect, StatusWriteError
 from controller.obs import logs
 
@@ -86,16 +87,22 @@ class NamespaceBindings:
             return {}
         for fresh in (False, True):
             if self._conn is None or fresh:
-                if self._conn is not None:
-                    await self._conn[1].close()
-                self._conn = self._connect()
-            if self._conn is None:
-                raise StatusWriteError(401, "no Kubernetes credentials")
+                old, self._conn = self._conn, None
+                if old is not None:
+                    await old[1].close()
+                try:
+                    self._conn = await self._connect(fresh)
+                except credentials.NoCredentials as exc:
+                    credentials.REFUSALS.missing(str(exc))
+                    raise StatusWriteError(401, str(exc)) from exc
             server, session = self._conn
             async with session.get(f"{server}/api/v1/namespaces/{name}", timeout=TIMEOUT) as resp:
                 text = (await resp.read()).decode(errors="replace")
                 if resp.status == 401 and not fresh:
                     continue
+                if resp.status == 401:
+                    # Refused with credentials loaded again: the process ends (CONTRACT §6.2).
+                    credentials.REFUSALS.refuse(401, f"GET namespaces/{name}", text[:200])
                 if resp.status == 404:
                     return {}  # no such namespace (yet): no binding
                 if resp.status >= 300:

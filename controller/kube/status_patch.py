@@ -10,7 +10,15 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.domain.model import DEFAULT_ROLE, Aspect, Condition, Managed, Reason, StatusUpdate
+from controller.domain.model import (
+    DEFAULT_ROLE,
+    SERVICE_ASPECTS,
+    Aspect,
+    Condition,
+    Managed,
+    Reason,
+    StatusUpdate,
+)
 from controller.domain.outcome import CONDITION_TYPES, SERVING, Prior
 
 CONDITION_ORDER = ("Ready", *CONDITION_TYPES.values(), SERVING)
@@ -73,7 +81,18 @@ def prior_of(status: Mapping[str, Any] | None, generation: int) -> Prior:
         ready_condition.get("reason") == Reason.TRAFFIC_PINNED
     )
     pending = tuple(str(x) for x in (status.get("drift") or {}).get("pending") or [])
-    return Prior(synced=synced, ready=ready, pending=pending)
+    rolling = any(
+        conditions.get(kind, {}).get("reason") == Reason.PROGRESSING
+        for kind in ("Ready", *(CONDITION_TYPES[a] for a in SERVICE_ASPECTS))
+    )
+    repaired = frozenset(
+        a
+        for a, kind in CONDITION_TYPES.items()
+        if conditions.get(kind, {}).get("reason") == Reason.DRIFT_REPAIRED
+    )
+    return Prior(
+        synced=synced, ready=ready, pending=pending, rolling_out=rolling, repaired=repaired
+    )
 
 
 def synced_generations(status: Mapping[str, Any] | None) -> dict[Aspect, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -24,10 +24,12 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from controller.kube import credentials
 from controller.obs import logs
 
-# (server URL, session with the credentials) or None when there are none.
-Connect = Callable[[], "tuple[str, aiohttp.ClientSession] | None"]
+# (server URL, a new session with the current credentials; ``fresh``: loaded again first).
+# Raises credentials.NoCredentials when there are none.
+Connect = Callable[[bool], Awaitable[tuple[str, aiohttp.ClientSession]]]
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 # A write the apiserver could not take (down, overloaded, timed out) is retried for ~20 s; a
@@ -82,10 +84,11 @@ class StatusWriter:
         raise AssertionError("unreachable")
 
     async def _patch_once(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
-        """One write; a 401 (rotated credentials) reconnects with fresh ones and tries again."""
+        """One write; a 401 (rotated credentials) reconnects with fresh ones and tries again. A
+        401 with fresh ones is refused credentials (credentials.REFUSALS: the process ends)."""
         body = json.dumps({"status": status}, separators=(",", ":"))
         for fresh in (False, True):
-            server, session = self._session(fresh)
+            server, session = await self._session(fresh)
             async with session.patch(
                 self._url(server, namespace, name), data=body, headers=MERGE_PATCH, timeout=TIMEOUT
             ) as resp:
@@ -97,6 +100,9 @@ class StatusWriter:
                     return False
                 if resp.status == 401 and not fresh:
                     continue
+                if resp.status == 401:
+                    where = f"PATCH orchestrators/status {namespace}/{name}"
+                    credentials.REFUSALS.refuse(401, where, _message(text))
                 raise StatusWriteError(resp.status, _message(text))
         raise AssertionError("unreachable")
 
@@ -111,14 +117,17 @@ class StatusWriter:
             url = self._urls[key] = yarl.URL(server + path, encoded=True)
         return url
 
-    def _session(self, fresh: bool) -> tuple[str, aiohttp.ClientSession]:
+    async def _session(self, fresh: bool) -> tuple[str, aiohttp.ClientSession]:
         if self._conn is None or fresh:
-            old, self._conn = self._conn, self._connect()
+            try:
+                conn = await self._connect(fresh)
+            except credentials.NoCredentials as exc:
+                credentials.REFUSALS.missing(str(exc))
+                raise StatusWriteError(401, str(exc)) from exc
+            old, self._conn = self._conn, conn
             if old is not None:
                 log.info("kube_reconnected")
                 _close_later(old[1])
-        if self._conn is None:
-            raise StatusWriteError(401, "no Kubernetes credentials")
         return self._conn
 
     async def close(self) -> None:

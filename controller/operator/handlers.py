@@ -44,25 +44,34 @@ from controller.audit.fights import FightDetector, FightPolicy
 from controller.audit.listener import AuditListener
 from controller.check import DEFAULT_RESYNC, check, gateway_for, log, ref_of
 from controller.domain import ownership, spec
-from controller.domain.model import DeletionPolicy, Desired, Event, Failure, Reason, Retry
+from controller.domain.model import (
+    DeletionPolicy,
+    Desired,
+    Event,
+    Failure,
+    Reason,
+    Retry,
+    ServiceRef,
+)
 from controller.gcp.budget import Pacer
 from controller.gcp.errors import GatewayError
 from controller.gcp.gateway import Gateway
 from controller.gcp.identity import Gateways
-from controller.kube import crd_gate, status_patch, status_writer
+from controller.kube import crd_gate, credentials, status_patch, status_writer
 from controller.kube.lease import Lease
 from controller.kube.namespaces import NamespaceBindings
 from controller.obs import metrics
-from controller.operator.login import connect, login
+from controller.operator.login import kube_credentials, login
 from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
 from controller.schedule.backoff import next_delay
-from controller.schedule.drift_loop import REGISTRY, DriftLoop
+from controller.schedule.drift_loop import REGISTRY, ROLLOUT_WAKE, DriftLoop
 from controller.settings import Settings
 
 __all__ = [
     "cleanup",
     "deleted",
     "drift_loop",
+    "kube_credentials",
     "login",
     "namespace_event",
     "run",
@@ -81,16 +90,21 @@ LEASE_LOST_EXIT = 3  # the exit code after losing the leader Lease
 def run(settings: Settings) -> None:
     """Run the operator until SIGTERM/SIGINT, from when the apiserver serves Orchestrators (and,
     with --leader-election, from when this replica holds the Lease). Exits non-zero when the
-    Lease is lost: the pod restarts as a standby (client-go's leader election does the same)."""
+    Lease is lost: the pod restarts as a standby (client-go's leader election does the same);
+    and (SystemExit) when the apiserver refuses the credentials or there are none (CONTRACT
+    §6.2): liveness fails first, for crd_gate.REFUSED_GRACE seconds."""
     code = asyncio.run(_serve(settings))
+    if credentials.REFUSALS.failed:
+        raise SystemExit(f"runwarden: {credentials.REFUSALS.message}")
     if code:
         sys.exit(code)
 
 
 async def _serve(settings: Settings) -> int:
     resource = crd_gate.ApiResource(GROUP, VERSION, PLURAL)
+    connect = credentials.connect
     if not await crd_gate.wait_until_served(resource, connect, liveness=settings.liveness):
-        return 0  # stopped while waiting for the CRD
+        return 0  # stopped while waiting for the CRD (or refused credentials: see run)
     lease: Lease | None = None
     if settings.leader_election:
         lease = Lease(
@@ -102,10 +116,10 @@ async def _serve(settings: Settings) -> int:
         )
         if not await _stand_by(lease, settings.liveness):
             await lease.close()
-            return 0  # stopped while standing by
+            return 0  # stopped while standing by (or refused credentials: see run)
     stop = asyncio.Event()
     lost = asyncio.Event()
-    keeper: asyncio.Task[None] | None = None
+    tasks = [asyncio.create_task(_stop_when_refused(stop))]
     if lease is not None:
 
         async def keep(held: Lease) -> None:
@@ -113,7 +127,7 @@ async def _serve(settings: Settings) -> int:
             lost.set()
             stop.set()  # kopf stops its daemons; the gateway's fence already refuses writes
 
-        keeper = asyncio.create_task(keep(lease))
+        tasks.append(asyncio.create_task(keep(lease)))
     try:
         with contextlib.suppress(asyncio.CancelledError):  # as kopf.run does
             await kopf.operator(
@@ -125,10 +139,11 @@ async def _serve(settings: Settings) -> int:
                 stop_flag=stop,
             )
     finally:
-        if keeper is not None:
-            keeper.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if lease is not None:
-            if not lost.is_set():
+            if not lost.is_set() and not credentials.REFUSALS.failed:
                 await lease.release()  # a clean stop: the standby takes over at once
             await lease.close()
     if lost.is_set():
@@ -137,19 +152,34 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
+async def _stop_when_refused(stop: asyncio.Event) -> None:
+    """Once the credentials are refused while kopf runs: liveness fails (login.kube_credentials;
+    kopf caches probe results for 10 s), then kopf is stopped and run() exits non-zero."""
+    await credentials.REFUSALS.wait()
+    await asyncio.sleep(crd_gate.REFUSED_GRACE)
+    stop.set()
+
+
 async def _stand_by(lease: Lease, liveness: str | None) -> bool:
-    """Wait until this replica holds the Lease (True), alive meanwhile, or a stop signal
-    (False)."""
+    """Wait until this replica holds the Lease (True), alive meanwhile, or a stop signal or
+    refused credentials (False)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    refused = asyncio.create_task(_stop_when_refused(stop))
     try:
         async with crd_gate.alive(liveness, {"standby": lease.identity}):
             return await lease.acquire(stop)
     finally:
+        refused.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def _wake_rollout_ended(ref: ServiceRef) -> None:
+    """Gateway on_rollout: a rollout ended; the loop of the Orchestrator of ``ref`` checks."""
+    REGISTRY.wake_service(ref, ROLLOUT_WAKE)
 
 
 # ---------------------------------------------------------------------- operator lifecycle
@@ -191,12 +221,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             # Leader election: every Google write first checks the Lease is still held.
             "fence": lease.remaining if lease is not None else None,
             "write_metadata": ((PRINCIPAL_METADATA, principal),) if principal else (),
+            # A rollout started by a check ends in the background (whichever identity wrote
+            # it): wake that Orchestrator's loop then.
+            "on_rollout": _wake_rollout_ended,
         },
     )
     memo.gateways = gateways
     memo.gateway = gateways.default
-    memo.namespaces = NamespaceBindings(connect, config.namespace_binding)
-    memo.status_writer = status_writer.StatusWriter(connect, GROUP, VERSION, PLURAL)
+    memo.namespaces = NamespaceBindings(credentials.connect, config.namespace_binding)
+    memo.status_writer = status_writer.StatusWriter(credentials.connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     if config.audit_subscription:
@@ -239,7 +272,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await listener.stop()
     gateways: Gateways | None = memo.get("gateways")
     if gateways is not None:
-        await gateways.close()
+        await gateways.close()  # every gateway's background rollout waits, then its clients
     namespaces: NamespaceBindings | None = memo.get("namespaces")
     if namespaces is not None:
         await namespaces.close()

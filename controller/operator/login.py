@@ -1,58 +1,46 @@
-"""Kubernetes credentials for kopf and for the controller's own status writer and CRD gate."""
+"""kopf's Kubernetes credentials: the ones controller.kube.credentials loads with the
+``kubernetes`` package (exec plugins such as GKE's, auth providers, token refresh), shared with
+the status writer and the CRD gate.
+
+Why not ``kopf.login_via_client``: it does use the ``kubernetes`` package, but it loads into the
+package's process-wide default configuration, on the event loop (an exec plugin is a subprocess
+that may take seconds), and hands kopf no expiry, so an exec plugin's token was only replaced
+after the apiserver had refused it. Here the loading runs in a thread, and kopf gets the token's
+expiry: kopf calls this handler again before it expires (and after any 401).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import kopf
 
-# Connections to kube-apiserver. kopf's own pool is unbounded: with hundreds of Orchestrators
-# finishing checks together it held one TLS connection per concurrent status patch, each with a
-# 256 KiB read buffer and OpenSSL state (1,000 Orchestrators: ~450 MB RSS instead of ~150 MB).
-KUBE_CONNECTIONS = 16
+from controller.kube import credentials
+from controller.obs import logs
+
+log = logs.get("runwarden.kube")
 
 
 @kopf.on.login()
-async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
-    """kopf's own credentials in an HTTP session with a bounded connection pool (see
-    KUBE_CONNECTIONS)."""
-    info = _credentials(**kwargs)
-    if info is None:
+async def login(**_: Any) -> kopf.AiohttpSession | None:
+    """Fresh credentials for kopf (first login, expiry, or a 401), in a session with a bounded
+    connection pool (see credentials.KUBE_CONNECTIONS)."""
+    try:
+        creds = await credentials.SOURCE.get(fresh=True)
+    except credentials.NoCredentials as exc:
+        log.error("kube_credentials_missing", message=str(exc))
         return None
     return kopf.AiohttpSession(
-        server=info.server,
-        default_namespace=info.default_namespace,
-        priority=info.priority,
-        expiration=info.expiration,
-        aiohttp_session=_session(info),
+        server=creds.server,
+        expiration=creds.expiration,
+        priority=100,  # above kopf's own login handlers, were any registered
+        aiohttp_session=credentials.session(creds, credentials.KUBE_CONNECTIONS),
     )
 
 
-def _credentials(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster service account, else KUBECONFIG: the one kopf would prefer."""
-    found = [
-        info
-        for info in (
-            kopf.login_with_service_account(**kwargs),
-            kopf.login_with_kubeconfig(**kwargs),
-        )
-        if info is not None
-    ]
-    return max(found, key=lambda i: i.priority) if found else None
-
-
-def _session(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=KUBE_CONNECTIONS, ssl=info.as_ssl_context()),
-        headers=info.as_http_headers(),
-        cookie_jar=aiohttp.DummyCookieJar(),  # the apiserver sets none; skip the jar per request
-        proxy=info.proxy_url,
-        trust_env=info.trust_env,
-    )
-
-
-def connect() -> tuple[str, aiohttp.ClientSession] | None:
-    """The same credentials before kopf runs (for controller.kube.crd_gate)."""
-    info = _credentials(settings=kopf.OperatorSettings())
-    return (info.server, _session(info)) if info is not None else None
+@kopf.on.probe(id="kubeCredentials")
+def kube_credentials(**_: Any) -> str:
+    """Liveness fails once the apiserver has refused the controller's credentials."""
+    if credentials.REFUSALS.failed:
+        raise kopf.PermanentError(credentials.REFUSALS.message)
+    return "ok"

@@ -15,6 +15,11 @@ A spec wake carries the object's ``metadata.generation``; a check records the ge
 A spec wake for a generation a check has already seen is dropped: on create (and on resume) kopf
 calls the spec handler while the loop's first check is already reading that very spec, and a
 second check right after it would only repeat the same reads.
+
+A rollout wake (ROLLOUT_WAKE: a rollout this process started has ended) counts only when the last
+check left a rollout under way (it said Progressing). When the check's read-back already saw the
+rollout end, a second check would only repeat its reads, and replace what it reported (e.g.
+DriftRepaired) by Synced at once. A rollout ending while a check runs is judged by that check.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from controller.schedule.backoff import MAX_WAIT, Streak, first_delay, next_dela
 from controller.schedule.events import WarningKey, warnings_to_post
 
 ObjectKey = tuple[str, str]  # (namespace, name)
+ROLLOUT_WAKE = "rollout"  # the wake reason when a rollout started by a check has ended
 
 
 @dataclass
@@ -49,6 +55,7 @@ class DriftLoop:
     stopping: bool = False  # stop() was called: wait() returns () from now on
     checks: int = 0  # completed checks since this process started
     checked_generation: int | None = None  # metadata.generation the last check read
+    rolling_out: bool = False  # the last check left a rollout of ours under way
     parsed: tuple[int, object] | None = None  # (generation, its parsed spec), for the wiring
     # Status this process wrote that the watch may not have delivered yet (top-level keys).
     written: dict[str, Any] = field(default_factory=dict)
@@ -101,10 +108,13 @@ class DriftLoop:
         return post
 
     def _drop_seen_wakes(self) -> None:
-        """Forget spec wakes for a generation the last check already read."""
+        """Forget spec wakes for a generation the last check already read, and rollout wakes
+        unless the last check left a rollout under way."""
         seen = self.checked_generation
         if seen is not None:
             self._wakes = [(r, g) for r, g in self._wakes if g is None or g > seen]
+        if not self.rolling_out:
+            self._wakes = [(r, g) for r, g in self._wakes if r != ROLLOUT_WAKE]
         if not self._wakes:
             self._event.clear()
 
@@ -122,17 +132,25 @@ class DriftLoop:
         rng: random.Random | None = None,
         *,
         generation: int | None = None,
+        rolling_out: bool = False,
     ) -> float:
         """Set when the next check is due after a check that read ``generation`` of the spec;
-        returns the delay in seconds."""
+        returns the delay in seconds.
+
+        ``rolling_out``: the check left a rollout of ours under way. That is not a success yet
+        (the failed-rollout streak stays as it is, so retries keep backing off); the end of the
+        rollout wakes the loop, the resync is only the fallback.
+        """
         self.checks += 1
+        self.rolling_out = rolling_out
         if generation is not None:
             if self.checked_generation is not None and generation != self.checked_generation:
                 # A new spec: its failures (and their Events) start over.
                 self.streak = Streak()
                 self.warned = frozenset()
             self.checked_generation = generation
-        self.streak = self.streak.after(failure)
+        if not (rolling_out and failure is None):
+            self.streak = self.streak.after(failure)
         if failure is None and self.checks == 1:
             delay = first_delay(resync, rng)
         else:

@@ -39,7 +39,7 @@ def _connect(kubeconfig: str, tmp: Path) -> Connect:
     context = ssl.create_default_context(cafile=str(files["ca.crt"]))
     context.load_cert_chain(str(files["client.crt"]), str(files["client.key"]))
 
-    def connect() -> tuple[str, aiohttp.ClientSession]:
+    async def connect(fresh: bool) -> tuple[str, aiohttp.ClientSession]:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
         return str(cluster["server"]), session
 
@@ -84,7 +84,7 @@ async def test_reconnects_once_on_401(crds: ControlPlane, namespace: str, tmp_pa
     good = _connect(crds.kubeconfig, tmp_path)
     calls: list[str] = []
 
-    def connect() -> tuple[str, aiohttp.ClientSession] | None:
+    async def connect(fresh: bool) -> tuple[str, aiohttp.ClientSession]:
         calls.append("connect")
         if len(calls) == 1:
             stale = aiohttp.ClientSession(
@@ -92,7 +92,7 @@ async def test_reconnects_once_on_401(crds: ControlPlane, namespace: str, tmp_pa
                 headers={"Authorization": "Bearer expired-token"},
             )
             return crds.server, stale
-        return good()
+        return await good(fresh)
 
     writer = StatusWriter(connect, GROUP, VERSION, PLURAL)
     try:

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from controller.kube.credentials import connect
 from controller.kube.lease import Lease, LeaseError
-from controller.operator.login import connect
 from tests.fixtures.k8s import ControlPlane
 
 pytestmark = pytest.mark.e2e

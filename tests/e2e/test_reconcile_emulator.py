@@ -58,6 +58,8 @@ def prior_after(update: StatusUpdate) -> Prior:
         synced=frozenset(a for a, c in update.aspects.items() if c.status),
         ready=update.ready.status,
         pending=update.pending or (),
+        rolling_out=update.rolling_out,
+        repaired=frozenset(a for a, c in update.aspects.items() if c.reason == "DriftRepaired"),
     )
 
 
@@ -241,19 +243,45 @@ async def test_revoke_removes_owned_only(
     assert got["iam"][OTHER_ROLE] == [FOREIGN]
 
 
+class Rollouts:
+    """The gateway's on_rollout: which rollouts (by service name) have ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def __call__(self, ref: Any) -> None:
+        self.ended.append(ref.name)
+
+    async def wait(self, n: int) -> None:
+        await wait_until(lambda: len(self.ended) >= n, 30, message=f"rollout {n} never ended")
+
+
 @pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 100}], indirect=True)
 async def test_failed_rollout_is_revision_failed(fresh_emulator: EmulatorProcess) -> None:
-    fresh_emulator.admin.put_service(PROJECT, REGION, "rollout", env={})
-    fresh_emulator.admin.set_faults(fail_next_revision=True)
+    """The write does not wait for the rollout: Progressing; its end wakes the next check,
+    which says RevisionFailed without writing again (the retry comes after the backoff)."""
+    admin = fresh_emulator.admin
+    admin.put_service_account(SA)
+    admin.put_service(PROJECT, REGION, "rollout", env={})
+    admin.set_faults(fail_next_revision=True)
     clients = make_clients(fresh_emulator.grpc_endpoint)
+    rollouts = Rollouts()
+    desired = parse(spec("rollout"))
     try:
-        update = await reconcile(
-            Gateway(clients, rollout_timeout=30), parse(spec("rollout")), Managed(), Prior()
-        )
+        gw = Gateway(clients, rollout_timeout=30, on_rollout=rollouts)
+        first = await reconcile(gw, desired, Managed(), Prior())
+        assert first.rolling_out and first.ready.reason == "Progressing", first.ready
+        assert not first.ready.status
+        assert first.aspects[Aspect.ENV].status  # the template holds the spec (read back)
+        await rollouts.wait(1)
+        before = admin.calls()
+        update = await reconcile(gw, desired, first.managed or Managed(), prior_after(first))
+        assert writes_in(delta(before, admin.calls())) == {}
     finally:
         await clients.close()
     assert update.aspects[Aspect.ENV].reason == "RevisionFailed", update.aspects
-    assert not update.ready.status
+    assert not update.ready.status and not update.rolling_out
+    assert update.failure is not None and update.failure.retry.value == "slowly"
     assert "UpdateFailed" in [e.reason for e in update.events]
 
 
@@ -271,9 +299,13 @@ async def test_failed_rollout_is_retried_with_a_new_revision_until_it_serves(
     desired = parse(spec("retry"))
     clients = make_clients(fresh_emulator.grpc_endpoint)
     try:
-        gw = Gateway(clients, rollout_timeout=30)
+        rollouts = Rollouts()
+        gw = Gateway(clients, rollout_timeout=30, on_rollout=rollouts)
         admin.set_faults(fail_next_revision=True)
-        first = await reconcile(gw, desired, Managed(), Prior())
+        wrote = await reconcile(gw, desired, Managed(), Prior())
+        assert wrote.ready.reason == "Progressing", wrote.ready
+        await rollouts.wait(1)
+        first = await reconcile(gw, desired, Managed(), prior_after(wrote))
         svc = admin.get_service(PROJECT, REGION, "retry")
         assert first.ready.reason == "RevisionFailed", first.ready
         assert svc["latestCreatedRevision"] in first.ready.message
@@ -283,7 +315,11 @@ async def test_failed_rollout_is_retried_with_a_new_revision_until_it_serves(
         # one UpdateService that makes a new revision (which fails too).
         admin.set_faults(fail_next_revision=True)
         before = admin.calls()
-        second = await reconcile(gw, desired, first.managed, prior_after(first))
+        retried = await reconcile(gw, desired, first.managed, prior_after(first))
+        assert writes_in(delta(before, admin.calls())) == {f"{RUN}UpdateService": 1}
+        assert retried.ready.reason == "Progressing", retried.ready
+        await rollouts.wait(2)
+        second = await reconcile(gw, desired, first.managed, prior_after(retried))
         after = admin.get_service(PROJECT, REGION, "retry")
         assert writes_in(delta(before, admin.calls())) == {f"{RUN}UpdateService": 1}
         assert not second.ready.status and second.ready.reason == "RevisionFailed"
@@ -294,7 +330,10 @@ async def test_failed_rollout_is_retried_with_a_new_revision_until_it_serves(
         assert second.latest_ready_revision == svc["latestReadyRevision"]
 
         admin.clear_faults()
-        third = await reconcile(gw, desired, first.managed, prior_after(second))
+        writing = await reconcile(gw, desired, first.managed, prior_after(second))
+        assert writing.ready.reason == "Progressing", writing.ready
+        await rollouts.wait(3)
+        third = await reconcile(gw, desired, first.managed, prior_after(writing))
         served = admin.get_service(PROJECT, REGION, "retry")
         assert third.ready.status, third.ready
         assert served["latestReadyRevision"] == served["latestCreatedRevision"]
@@ -319,8 +358,14 @@ async def test_rollout_in_progress_is_not_failed(fresh_emulator: EmulatorProcess
     desired = parse(spec("progress"))
     clients = make_clients(fresh_emulator.grpc_endpoint)
     try:
-        writer = Gateway(clients, rollout_timeout=30)
-        first = await reconcile(writer, desired, Managed(), Prior())
+        rollouts = Rollouts()
+        writer = Gateway(clients, rollout_timeout=30, on_rollout=rollouts)
+        # Our own write returns while its rollout (1.5 s) is under way: Progressing, no wait.
+        wrote = await reconcile(writer, desired, Managed(), Prior())
+        assert wrote.ready.reason == "Progressing" and wrote.rolling_out, wrote.ready
+        assert admin.get_service(PROJECT, REGION, "progress")["reconciling"]
+        await rollouts.wait(1)
+        first = await reconcile(writer, desired, Managed(), prior_after(wrote))
         assert first.ready.status and first.managed is not None
         # A deploy of another variable, through the API, still rolling out.
         observed = await writer.observe(desired.ref, "")

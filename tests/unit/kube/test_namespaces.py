@@ -53,9 +53,11 @@ class Clock:
 async def bindings(server: Server) -> AsyncIterator[tuple[NamespaceBindings, Clock]]:
     base = server[0]
     clock = Clock()
-    found = NamespaceBindings(
-        lambda: (base, aiohttp.ClientSession()), BindingMode.REQUIRED, ttl=30, clock=clock
-    )
+
+    async def connect(fresh: bool) -> tuple[str, aiohttp.ClientSession]:
+        return base, aiohttp.ClientSession()
+
+    found = NamespaceBindings(connect, BindingMode.REQUIRED, ttl=30, clock=clock)
     yield found, clock
     await found.close()
 

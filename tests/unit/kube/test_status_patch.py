@@ -249,3 +249,19 @@ def test_a_role_move_replaces_the_recorded_roles_whole() -> None:
         {"role": "roles/run.developer", "members": ["user:x@example.com"]}
     ]
     assert managed_of({**first, **second}).grants == {("roles/run.developer", "user:x@example.com")}
+
+
+def test_a_rollout_under_way_is_read_back_as_rolling_out() -> None:
+    """Progressing on Ready or on a service aspect (another failure may own Ready)."""
+    on_ready = {"conditions": [{"type": "Ready", "status": "False", "reason": "Progressing"}]}
+    on_env = {
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "ServiceAccountNotFound"},
+            {"type": "EnvSynced", "status": "True", "reason": "Progressing"},
+        ]
+    }
+    synced = {"conditions": [{"type": "Ready", "status": "True", "reason": "Synced"}]}
+    assert prior_of(on_ready, 1).rolling_out
+    assert prior_of(on_env, 1).rolling_out
+    assert not prior_of(synced, 1).rolling_out
+    assert not prior_of(None, 1).rolling_out

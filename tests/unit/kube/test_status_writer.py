@@ -43,9 +43,11 @@ async def server() -> AsyncIterator[Server]:
 @pytest.fixture
 async def writer(server: Server) -> AsyncIterator[StatusWriter]:
     base = server[0]
-    found = StatusWriter(
-        lambda: (base, aiohttp.ClientSession()), "runwarden.dev", "v1alpha1", "orchestrators"
-    )
+
+    async def connect(fresh: bool) -> tuple[str, aiohttp.ClientSession]:
+        return base, aiohttp.ClientSession()
+
+    found = StatusWriter(connect, "runwarden.dev", "v1alpha1", "orchestrators")
     yield found
     await found.close()
 

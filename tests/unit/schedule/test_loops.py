@@ -11,7 +11,7 @@ import pytest
 
 from controller.domain.model import Event, Failure, Retry, ServiceRef
 from controller.schedule.backoff import QUOTA_BACKOFF, SLOW_CAP, Streak, first_delay, next_delay
-from controller.schedule.drift_loop import DriftLoop, Registry
+from controller.schedule.drift_loop import ROLLOUT_WAKE, DriftLoop, Registry
 from controller.schedule.events import warnings_to_post
 
 REF = ServiceRef("my-project", "us-west2", "svc")
@@ -313,3 +313,43 @@ def test_owned_elsewhere_is_checked_at_the_resync_without_backoff() -> None:
     )
     for attempt in (1, 5, 20):
         assert 27.0 <= next_delay(30.0, failure, attempt) <= 33.0
+
+
+async def test_a_rollout_under_way_keeps_the_failed_rollout_streak() -> None:
+    """Failed rollout, retry (its rollout under way: no failure yet), failed again: the second
+    failure backs off as the second, not as a first after a success."""
+    loop_ = DriftLoop(("ns", "a"))
+    rng = random.Random(5)
+    loop_.schedule(60, failure(Retry.SLOWLY), rng)
+    loop_.schedule(60, None, rng, rolling_out=True)
+    assert loop_.streak == Streak(Retry.SLOWLY, 1)
+    assert loop_.schedule(60, failure(Retry.SLOWLY), rng) >= 2 * 60 * 0.9
+    loop_.schedule(60, None, rng)  # served at last: a success resets
+    assert loop_.streak == Streak()
+
+
+async def test_a_rollout_wake_counts_only_after_a_check_that_said_progressing() -> None:
+    """A rollout that ended before the check's read-back (it reported DriftRepaired, Synced)
+    wakes nothing: a second check would repeat its reads and replace DriftRepaired by Synced
+    at once. One the check saw under way (Progressing) wakes the loop when it ends, also when
+    it ends while that check is still running."""
+    registry = Registry()
+    loop_ = registry.loop("ns", "a")
+    loop_.ref = REF
+    registry.wake_service(REF, ROLLOUT_WAKE)  # ended during a check that saw it end
+    loop_.schedule(3600, None, generation=1, rolling_out=False)
+    waiting = asyncio.create_task(loop_.wait())
+    assert not await finishes(waiting)
+    registry.wake_service(REF, ROLLOUT_WAKE)  # a late wake of an earlier rollout: nothing
+    assert not await finishes(waiting)
+    registry.wake_service(REF, "audit")  # any other wake still checks
+    assert await asyncio.wait_for(waiting, 1) == ("audit",)
+
+    registry.wake_service(REF, ROLLOUT_WAKE)  # ended during a check that saw it under way
+    loop_.schedule(3600, None, generation=1, rolling_out=True)
+    assert await asyncio.wait_for(loop_.wait(), 1) == (ROLLOUT_WAKE,)
+    loop_.schedule(3600, None, generation=1, rolling_out=True)  # still under way
+    waiting = asyncio.create_task(loop_.wait())
+    assert not await finishes(waiting)
+    registry.wake_service(REF, ROLLOUT_WAKE)  # ends after the check: checks at once
+    assert await asyncio.wait_for(waiting, 1) == (ROLLOUT_WAKE,)
