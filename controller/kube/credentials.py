@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import os
 import ssl
 import threading
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ from controller.obs import logs
 EXPIRY_MARGIN = datetime.timedelta(seconds=60)
 
 log = logs.get("runwarden.kube")
+
+
+# KUBECONFIG is read at each load (the kubernetes package reads it once, when imported).
+DEFAULT_KUBECONFIG = "~/.kube/config"
 
 
 class NoCredentials(Exception):
@@ -82,7 +87,8 @@ def load_blocking() -> Credentials:
             # exec plugin's expirationTimestamp, an auth provider's expiry), which the public
             # function drops. KUBECONFIG may list several files; the loader merges them.
             loader = kube_config._get_kube_config_loader(  # type: ignore[no-untyped-call]
-                filename=kube_config.KUBE_CONFIG_DEFAULT_LOCATION, persist_config=False
+                filename=os.environ.get("KUBECONFIG", DEFAULT_KUBECONFIG),
+                persist_config=False,
             )
             loader.load_and_set(config)
         except (k8s_config.ConfigException, OSError) as kubeconfig:
