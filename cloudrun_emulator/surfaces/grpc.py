@@ -229,12 +229,13 @@ def _wrap(
     granted = full_name.startswith((RUN, OPS))  # grants are about projects' Cloud Run resources
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        principal = caller(store, context.invocation_metadata())
-        _CALLER.set(principal)  # each call runs in its own task: its own context
         calls[full_name] = calls.get(full_name, 0) + 1
-        mine = by_principal.setdefault(principal, {})
-        mine[full_name] = mine.get(full_name, 0) + 1
         try:
+            # The caller first: an expired or unknown token is UNAUTHENTICATED (an ApiError).
+            principal = caller(store, context.invocation_metadata())
+            _CALLER.set(principal)  # each call runs in its own task: its own context
+            mine = by_principal.setdefault(principal, {})
+            mine[full_name] = mine.get(full_name, 0) + 1
             if request is MALFORMED:
                 raise ApiError(
                     grpc.StatusCode.INVALID_ARGUMENT, "Invalid request: the message did not parse."
