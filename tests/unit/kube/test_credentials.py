@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from kubernetes.config import incluster_config, kube_config
+from kubernetes.config import incluster_config
 
 from controller.kube import crd_gate, credentials
 from controller.kube.status_writer import StatusWriteError, StatusWriter
@@ -75,7 +75,7 @@ def refusals(monkeypatch: pytest.MonkeyPatch) -> credentials.Refusals:
 
 
 def use_kubeconfig(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    monkeypatch.setenv("KUBECONFIG", str(path))
     # Not in a pod, whatever the machine running the tests says.
     monkeypatch.setattr(incluster_config, "SERVICE_HOST_ENV_NAME", "RUNWARDEN_TEST_NO_SUCH_ENV")
 
