@@ -63,7 +63,7 @@ def control_plane_up(directory: Path) -> ControlPlane:
 def apply_crds(plane: ControlPlane) -> None:
     files = [arg for f in sorted(CRDS.glob("*.yaml")) for arg in ("-f", str(f))]
     plane.kubectl("apply", "--server-side", "--force-conflicts", *files)
-    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *files)
+    plane.wait_established(*files)
 
 
 def kubectl_json(plane: ControlPlane, *args: str) -> Any:

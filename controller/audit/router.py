@@ -206,6 +206,11 @@ class AuditRouter:
         """Debounce, deferral and hold timers still to fire (0: nothing will wake by itself)."""
         return len(self._timers)
 
+    def deferrals(self, ref: ServiceRef) -> int:
+        """How many times the entries for ``ref`` not yet told own or foreign were put off."""
+        batch = self._batches.get(ref)
+        return batch.deferrals if batch is not None else 0
+
     def close(self) -> None:
         for handle in list(self._timers):
             handle.cancel()

@@ -30,7 +30,7 @@ from cloudrun_emulator.testing import EmulatorProcess, PubSubEmulatorProcess, fr
 from tests.fixtures.bodies import orchestrator
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
-from tests.fixtures.wait import wait_for
+from tests.fixtures.wait import holds_for, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -247,15 +247,6 @@ def service(audit: Audit, unique_name: Callable[[str], str]) -> str:
 # ---------------------------------------------------------------------- helpers
 
 
-def stays(predicate: Callable[[], bool], seconds: float, message: str) -> None:
-    """``predicate`` holds for ``seconds`` (checked every 0.2 s): for "nothing else happens"."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert predicate(), message
-        time.sleep(0.2)
-    assert predicate(), message
-
-
 def quiet(audit: Audit, still: float = 1.5, timeout: float = SETTLE) -> None:
     """Wait until the controller has made no Cloud Run call for ``still`` seconds (a spec
     change's wake can bring a second, read-only check right after the first sync)."""
@@ -331,7 +322,7 @@ def test_own_writes_trigger_no_second_write(
     reads = audit.emu.admin.calls().get(RUN + "GetService", 0)
     # ... are recognised as Runwarden's own: no wake, so no further read and no further write
     # (an own entry waits up to 8 debounce windows for its record; wait that out).
-    stays(
+    holds_for(
         lambda: audit.writes() == 2 and audit.emu.admin.calls().get(RUN + "GetService", 0) == reads,
         seconds=10,
         message="the controller reacted to its own writes",
@@ -358,7 +349,7 @@ def test_unmanaged_service_and_malformed_messages_change_nothing(
         timeout=SETTLE,
         message="the entries were received and counted",
     )
-    stays(
+    holds_for(
         lambda: not audit.emu.admin.calls(),
         seconds=3,
         message="an unmanaged or malformed entry made the controller call Cloud Run",
@@ -391,7 +382,7 @@ def test_a_pipeline_redeploying_every_second_is_a_drift_fight(audit: Audit, serv
         assert PIPELINE in warnings[0]["message"]
         # It backs off: the pipeline goes on undoing the spec, Runwarden stops repairing ...
         writes = audit.writes()
-        stays(lambda: audit.writes() == writes, 8, "the controller kept fighting")
+        holds_for(lambda: audit.writes() == writes, 8, "the controller kept fighting")
         assert not audit.holds_spec(service)
         # ... and keeps reporting what it would repair.
         assert audit.ready("orch")["reason"] == "DriftFight"

@@ -17,7 +17,7 @@ from controller.audit.listener import AuditListener
 from controller.audit.provenance import OwnWrites
 from controller.audit.router import AuditRouter
 from controller.domain.model import ServiceRef, WriteRecord
-from tests.fixtures.wait import wait_until
+from tests.fixtures.wait import reached, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -97,9 +97,9 @@ async def test_listener_survives_a_missing_subscription_and_delivers_into_the_lo
 
         # Publish until the re-opened stream has delivered (it comes back after its backoff).
         async def delivered() -> None:
-            while len(router.got) < 3:
+            await asyncio.to_thread(publish_all)
+            while not await reached(lambda: len(router.got) >= 3, within=1.0):
                 await asyncio.to_thread(publish_all)
-                await asyncio.sleep(1.0)
 
         await asyncio.wait_for(delivered(), timeout=60)
         kinds = {type(p) for p in router.got}

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from cloudrun_emulator.testing import EmulatorProcess, free_port
 from tests.fixtures import bodies
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import CRDS, ControlPlane
-from tests.fixtures.wait import wait_for
+from tests.fixtures.wait import holds_for, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -82,11 +81,7 @@ def ready(cp: ControlPlane, namespace: str, name: str, timeout: float) -> dict[s
 def steady_calls(emulator: EmulatorProcess, window: float = 3.0) -> dict[str, int]:
     """The emulator's call counters, asserted not to move for ``window`` seconds."""
     first = emulator.admin.calls()
-    deadline = time.monotonic() + window
-    while time.monotonic() < deadline:
-        now = emulator.admin.calls()
-        assert now == first, f"more calls after the first sync: {first} -> {now}"
-        time.sleep(0.2)
+    holds_for(lambda: emulator.admin.calls() == first, window, "more calls after the first sync")
     return first
 
 
@@ -141,7 +136,7 @@ def test_controller_started_before_the_crd_serves_it_once_established(
         assert proc.running, proc.tail()
 
         bare_plane.kubectl("apply", "-f", str(CRD_FILE))
-        bare_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD}")
+        bare_plane.wait_established(f"crd/{CRD}")
         wait_for(
             lambda: apply(bare_plane, namespace, orchestrator("orch", service)) or True,
             30,

@@ -166,11 +166,11 @@ def _running(pid: int) -> bool:
 def test_emulator_exits_when_its_parent_is_killed(tmp_path):
     """A test run killed with SIGKILL does not leak an emulator (--parent-pid watchdog)."""
     script = (
-        "import sys, time\n"
+        "import signal, sys\n"
         "from cloudrun_emulator.testing import EmulatorProcess\n"
         "emu = EmulatorProcess(log_dir=sys.argv[1]).start()\n"
         "print(emu.pid, flush=True)\n"
-        "time.sleep(600)\n"
+        "signal.pause()  # until the test kills it\n"
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import base64
 import copy
-import time
 
 import pytest
 import requests
 
 from cloudrun_emulator.testing import EmulatorProcess
+from tests.fixtures.wait import wait_for
 
 from .conftest import PROJECT, REGION
 
@@ -35,15 +35,13 @@ def _ok(resp: requests.Response) -> dict:
 
 
 def _wait_ready(s: requests.Session, url: str, deadline_s: float = 30.0) -> dict:
-    deadline = time.monotonic() + deadline_s
-    while True:
+    def settled() -> dict | None:
         svc = _ok(s.get(url))
         ready = {c["type"]: c["status"] for c in svc["status"]["conditions"]}.get("Ready")
-        gen = svc["metadata"]["generation"]
-        if svc["status"]["observedGeneration"] == gen and ready in ("True", "False"):
-            return svc
-        assert time.monotonic() < deadline, f"service never settled: {svc['status']}"
-        time.sleep(0.05)
+        done = svc["status"]["observedGeneration"] == svc["metadata"]["generation"]
+        return svc if done and ready in ("True", "False") else None
+
+    return wait_for(settled, deadline_s, interval=0.05, message="service never settled")
 
 
 def test_v1_get_is_the_grpc_service_in_knative_form(emulator, deploy):

@@ -110,7 +110,7 @@ def request_table(plane: ControlPlane, path: str, tmp_path: Path) -> Any:
 @pytest.fixture(scope="module")
 def widget_crd(control_plane: ControlPlane) -> ControlPlane:
     control_plane.kubectl("apply", "--server-side", "-f", "-", input=WIDGET_CRD)
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+    control_plane.wait_established(f"crd/{CRD_NAME}")
     return control_plane
 
 

@@ -6,7 +6,6 @@ wake and the registry lookup are fakes, the debounce is shortened.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -125,7 +124,8 @@ async def test_own_entry_arriving_before_the_write_is_recorded_waits_for_the_rec
     h.records[REF] = WriteRecord(generation=3)
     own = count(Result.OWN)
     h.router.receive(h.entry(OWN, generation=4))  # the reconcile is still verifying
-    await asyncio.sleep(DEBOUNCE * 2.5)
+    await until(lambda: h.router.deferrals(REF) >= 2)  # put off twice, not taken as foreign
+    assert h.woken == []
     h.router.end_check(REF, repaired(WriteRecord(generation=4)))  # now it is recorded
     await until(lambda: count(Result.OWN) == own + 1)
     await idle(h)

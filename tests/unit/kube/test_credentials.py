@@ -25,6 +25,7 @@ from kubernetes.config import incluster_config
 
 from controller.kube import crd_gate, credentials
 from controller.kube.status_writer import StatusWriteError, StatusWriter
+from tests.fixtures.wait import wait_for
 
 EXPIRES = "2031-01-02T03:04:05Z"
 
@@ -185,13 +186,9 @@ async def test_refused_credentials_end_the_crd_wait_and_fail_liveness(
             except OSError:
                 return 0
 
-        for _ in range(200):
-            status = await asyncio.to_thread(get)
-            if status:
-                seen.append(status)
-                os.kill(os.getpid(), signal.SIGTERM)  # the gate's handler: end the grace
-                return
-            await asyncio.sleep(0.05)
+        status = await asyncio.to_thread(wait_for, get, 10.0, 0.05, "liveness answered")
+        seen.append(status)
+        os.kill(os.getpid(), signal.SIGTERM)  # the gate's handler: end the grace
 
     resource = crd_gate.ApiResource("runwarden.dev", "v1alpha1", "orchestrators")
     prober = asyncio.create_task(probe())
