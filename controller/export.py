@@ -32,6 +32,7 @@ from controller.domain.model import (
     ServiceRef,
 )
 from controller.domain.plan import plan
+from controller.domain.tenancy import PROJECTS_ANNOTATION, PUBLIC_ANNOTATION, Binding, BindingMode
 from controller.gcp import convert
 from controller.gcp.clients import make_clients
 from controller.gcp.errors import GatewayError
@@ -62,8 +63,8 @@ class Target:
     mode: Mode = Mode.OBSERVE
     namespace: str | None = None
     cluster_name: str = "default"
-    # The namespace's annotations (None: no --namespace, tenancy not checked here).
-    annotations: Mapping[str, str] | None = None
+    # The namespace's binding (None: no --namespace, tenancy not checked here).
+    binding: Binding | None = None
 
 
 @dataclass
@@ -118,13 +119,11 @@ def orchestrator(
         public.append("invokerIamDisabled")
     if public:
         policy["allowPublicInvokers"] = True
-        if target.annotations is not None and not namespaces.allows_public_invokers(
-            target.annotations
-        ):
+        if target.binding is not None and not target.binding.allow_public:
             reasons.append(
                 f"the service is public ({', '.join(public)}) and "
                 f"namespace {target.namespace} lacks the annotation "
-                f'{namespaces.ALLOW_PUBLIC_ANNOTATION}: "true"; a cluster admin must set it '
+                f'{PUBLIC_ANNOTATION}: "true"; a cluster admin must set it '
                 "before an Orchestrator there may keep public invokers"
             )
     body["policy"] = policy
@@ -314,22 +313,22 @@ def main(
         spec.parse_ref({"service": {"project": args.project, "region": args.region, "name": "x"}})
     except spec.InvalidSpec as exc:
         parser.error(exc.message.replace("spec.service.", "--"))
-    annotations: Mapping[str, str] | None = None
+    binding: Binding | None = None
     if args.namespace:
         try:
-            annotations = namespaces.read_annotations(args.namespace)
+            binding = namespaces.read_binding(args.namespace)
         except namespaces.NamespaceError as exc:
             print(f"runwarden export: {exc}", file=err)
             return 2
-        if not namespaces.allows_project(annotations, args.project):
-            listed = sorted(namespaces.projects_allowed(annotations))
+        if not binding.allows(args.project, BindingMode.REQUIRED):
+            listed = sorted(binding.projects or ())
             print(
                 f"runwarden export: namespace {args.namespace} does not list project "
-                f"{args.project} in its {namespaces.PROJECTS_ANNOTATION} annotation (it lists: "
+                f"{args.project} in its {PROJECTS_ANNOTATION} annotation (it lists: "
                 f"{', '.join(listed) or 'nothing'}); Orchestrators there would be refused "
                 f"(ProjectNotAllowed). A cluster admin adds it with: kubectl annotate namespace "
                 f"{args.namespace} --overwrite "
-                f"{namespaces.PROJECTS_ANNOTATION}={','.join([*listed, args.project])}",
+                f"{PROJECTS_ANNOTATION}={','.join([*listed, args.project])}",
                 file=err,
             )
             return 2
@@ -337,7 +336,7 @@ def main(
         mode=Mode(args.mode),
         namespace=args.namespace,
         cluster_name=args.cluster_name or os.environ.get(ENV_CLUSTER_NAME) or "default",
-        annotations=annotations,
+        binding=binding,
     )
     endpoint = args.gcp_endpoint or os.environ.get(ENV_GCP_ENDPOINT) or None
     try:

@@ -1,4 +1,7 @@
-"""A namespace's tenancy annotations (CONTRACT §6.2), read with the ``kubernetes`` package.
+"""A namespace's tenancy binding (CONTRACT §6.2), read with the ``kubernetes`` package.
+
+What the annotations mean is ``controller.domain.tenancy.Binding``'s to say, as for the
+controller; this module only reads them.
 
 Synchronous on purpose: the one caller is the ``runwarden export`` command, not the event loop.
 Credentials as kubectl finds them: KUBECONFIG (exec plugins included), else in-cluster.
@@ -6,18 +9,15 @@ Credentials as kubectl finds them: KUBECONFIG (exec plugins included), else in-c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-PROJECTS_ANNOTATION = "runwarden.dev/projects"
-ALLOW_PUBLIC_ANNOTATION = "runwarden.dev/allow-public-invokers"
+from controller.domain.tenancy import PROJECTS_ANNOTATION, Binding
 
 
 class NamespaceError(Exception):
     """The namespace cannot be read; the message says why and what to do."""
 
 
-def read_annotations(namespace: str) -> Mapping[str, str]:
-    """The namespace's annotations; raises NamespaceError naming the namespace and the fix."""
+def read_binding(namespace: str) -> Binding:
+    """The namespace's binding; raises NamespaceError naming the namespace and the fix."""
     from kubernetes import client, config  # imported here: the controller process never needs it
     from kubernetes.client.exceptions import ApiException
     from kubernetes.config.config_exception import ConfigException
@@ -46,19 +46,4 @@ def read_annotations(namespace: str) -> Mapping[str, str]:
             f"{exc.reason}; export needs `get` on namespaces"
         ) from None
     metadata = found.metadata
-    return dict((metadata.annotations if metadata is not None else None) or {})
-
-
-def projects_allowed(annotations: Mapping[str, str]) -> frozenset[str]:
-    """The projects a namespace may manage (``*`` = any); empty if it lists none."""
-    raw = annotations.get(PROJECTS_ANNOTATION, "")
-    return frozenset(p.strip() for p in raw.split(",") if p.strip())
-
-
-def allows_project(annotations: Mapping[str, str], project: str) -> bool:
-    allowed = projects_allowed(annotations)
-    return "*" in allowed or project in allowed
-
-
-def allows_public_invokers(annotations: Mapping[str, str]) -> bool:
-    return annotations.get(ALLOW_PUBLIC_ANNOTATION, "").strip().lower() == "true"
+    return Binding.of(namespace, metadata.annotations if metadata is not None else None)
