@@ -108,6 +108,9 @@ async def check(
         if listener is not None:
             update = listener.end_check(desired.ref, update, hold)
         elif detector is not None:
+            if update.drift.repaired and update.drift.by:
+                # No audit entry names who undid the spec: the service's last modifier does.
+                detector.saw(desired.ref, update.drift.by, time.time())
             update, new_hold = fights.end(detector, desired.ref, update, hold, time.time())
             if new_hold is not None:
                 log.warning(

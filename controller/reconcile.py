@@ -170,8 +170,13 @@ async def _enforce(
 ) -> StatusUpdate:
     drift = p.aspects & prior.synced
     drift_lines = tuple(line for a in sorted(drift) for line in p.lines(a))
+    # The service's last modifier made a drift of the service (not of its IAM policy).
+    by = observed.last_modifier if drift & SERVICE_ASPECTS else ""
     if drift:
-        events.append(Event("Warning", Reason.DRIFT_DETECTED, f"drift: {summary(drift_lines)}"))
+        who = f" (the service was last changed by {by})" if by else ""
+        events.append(
+            Event("Warning", Reason.DRIFT_DETECTED, f"drift: {summary(drift_lines)}{who}")
+        )
 
     try:
         p, dropped = await _drop_missing_service_accounts(gw, p, failures)
@@ -218,6 +223,8 @@ async def _enforce(
         )
 
     update = outcome(p, after, managed, prior, drift, drift_lines, failures, events, wrote)
+    if by:
+        update = replace(update, drift=replace(update.drift, by=by))
     ours = bool(written & SERVICE_ASPECTS) or prior.rolling_out
     if ours and after.rollout.state is RolloutState.IN_PROGRESS:
         update = rolling_out(update, after)

@@ -243,6 +243,9 @@ class Observed:
     owner: str = ""  # OWNER_ANNOTATION on the service ("" = unclaimed)
     owned: Managed | None = None  # OWNED_ANNOTATION (None = absent or unreadable)
     traffic: tuple[TrafficShare, ...] = ()  # Service.traffic_statuses, LATEST resolved
+    # Service.last_modifier (output only): the principal of the service's last change. IAM
+    # policy changes do not set it (they are not changes of the Service resource).
+    last_modifier: str = ""
     service_handle: object = field(default=None, compare=False, repr=False)
     policy_handle: object = field(default=None, compare=False, repr=False)
 
@@ -412,6 +415,9 @@ class DriftReport:
     detected: tuple[str, ...] = ()
     repaired: bool = False
     aspects: frozenset[Aspect] = frozenset()
+    # Who changed the service, as its last_modifier said when the drift was read ("" when the
+    # drift was IAM only, which last_modifier does not record, or it named nobody).
+    by: str = ""
 
 
 @dataclass(frozen=True)

@@ -226,8 +226,12 @@ def _settings(raw: Mapping[str, Any]) -> dict[str, SettingValue]:
                 raise InvalidSpec(f"spec.settings.{key} must be an integer from {low} to {high}")
             settings[key] = value
     if "minInstances" in settings and "maxInstances" in settings:
-        if int(settings["maxInstances"]) < int(settings["minInstances"]):
-            raise InvalidSpec("spec.settings.maxInstances must be at least minInstances")
+        ceiling = int(settings["maxInstances"])
+        if ceiling != 0 and ceiling < int(settings["minInstances"]):  # 0: unset (no ceiling)
+            raise InvalidSpec(
+                "spec.settings.maxInstances must be at least minInstances (or 0, which leaves "
+                "it unset)"
+            )
     checks = (
         ("serviceAccount", _SA_EMAIL, "a service account email"),
         ("cpu", _CPU, 'a CPU quantity such as "1" or "1000m"'),

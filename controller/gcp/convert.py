@@ -88,6 +88,7 @@ def observed(ref: ServiceRef, container: str, service: Any, policy: Any) -> Obse
         owner=pb.annotations.get(OWNER_ANNOTATION, ""),
         owned=ownership.parse_owned(pb.annotations.get(OWNED_ANNOTATION)),
         traffic=traffic_of(pb),
+        last_modifier=pb.last_modifier,
         service_handle=pb,
         policy_handle=policy,
     )

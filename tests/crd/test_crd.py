@@ -402,6 +402,7 @@ def test_service_is_immutable_but_the_rest_is_not(crds, namespace):
         ),
         ("empty label value", lambda s: s["settings"]["labels"].update(cost_center="")),
         ("min equals max", lambda s: s["settings"].update(minInstances=3, maxInstances=3)),
+        ("max 0 is unset", lambda s: s["settings"].update(minInstances=3, maxInstances=0)),
         ("millicpu", lambda s: s["settings"].update(cpu="1000m")),
         ("fractional cpu", lambda s: s["settings"].update(cpu="0.5")),
         ("memory in Gi", lambda s: s["settings"].update(memory="2Gi")),

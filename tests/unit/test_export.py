@@ -15,6 +15,7 @@ from controller import export
 from controller.domain import spec
 from controller.domain.model import Managed, Mode, ServiceRef
 from controller.domain.plan import plan
+from controller.domain.tenancy import Binding
 from controller.gcp import convert
 
 REF = ServiceRef("nba-props-platform", "us-west2", "phase3-to-phase4")
@@ -120,7 +121,9 @@ def test_a_plain_service_exports_env_secret_refs_invokers_and_settings():
 
 
 def test_mode_and_namespace_are_the_targets():
-    target = export.Target(mode=Mode.ENFORCE, namespace="pipeline", annotations={})
+    target = export.Target(
+        mode=Mode.ENFORCE, namespace="pipeline", binding=Binding.of("pipeline", {})
+    )
     (doc, _), _ = run_export(service(), target=target)
     assert doc["metadata"] == {"name": "phase3-to-phase4", "namespace": "pipeline"}
     assert doc["spec"]["policy"]["mode"] == "Enforce"
@@ -191,7 +194,9 @@ def test_a_claim_by_another_owner_is_refused_unless_it_is_this_target():
     with pytest.raises(export.Refused) as refused:
         run_export(svc)
     assert "prod/pipeline/phase3-to-phase4" in str(refused.value)
-    target = export.Target(namespace="pipeline", cluster_name="prod", annotations={})
+    target = export.Target(
+        namespace="pipeline", cluster_name="prod", binding=Binding.of("pipeline", {})
+    )
     (doc, _), _ = run_export(svc, target=target)
     assert doc["metadata"]["namespace"] == "pipeline"
 
@@ -201,12 +206,15 @@ def test_public_invokers_need_allow_public_and_the_namespace_annotation():
     (doc, _), _ = run_export(service(), pol)
     assert doc["spec"]["policy"]["allowPublicInvokers"] is True
     assert doc["spec"]["invokers"]["members"] == ["allUsers", PUSH_SA]
-    closed = export.Target(namespace="pipeline", annotations={"runwarden.dev/projects": "*"})
+    closed = export.Target(
+        namespace="pipeline", binding=Binding.of("pipeline", {"runwarden.dev/projects": "*"})
+    )
     with pytest.raises(export.Refused) as refused:
         run_export(service(), pol, target=closed)
     assert "runwarden.dev/allow-public-invokers" in str(refused.value)
     opened = export.Target(
-        namespace="pipeline", annotations={"runwarden.dev/allow-public-invokers": "true"}
+        namespace="pipeline",
+        binding=Binding.of("pipeline", {"runwarden.dev/allow-public-invokers": "true"}),
     )
     run_export(service(), pol, target=opened)
 
@@ -261,7 +269,9 @@ def test_invoker_iam_disabled_is_public_and_kept_so():
     (doc, _), observed = run_export(service(invoker_iam_disabled=True))
     assert observed.invoker_iam_disabled
     assert doc["spec"]["policy"]["allowPublicInvokers"] is True
-    closed = export.Target(namespace="pipeline", annotations={"runwarden.dev/projects": "*"})
+    closed = export.Target(
+        namespace="pipeline", binding=Binding.of("pipeline", {"runwarden.dev/projects": "*"})
+    )
     with pytest.raises(export.Refused) as refused:
         run_export(service(invoker_iam_disabled=True), target=closed)
     assert "invokerIamDisabled" in str(refused.value)

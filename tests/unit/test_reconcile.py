@@ -324,3 +324,21 @@ async def test_role_edit_moves_the_grant_and_status_records_the_role() -> None:
     assert moved.managed is not None and moved.managed.grants == {
         ("roles/run.developer", "user:a@example.com")
     }
+
+
+async def test_a_service_drift_names_the_services_last_modifier_an_iam_drift_does_not() -> None:
+    gw = holding_the_spec(Rollout())
+    gw.state = replace(gw.state, env={}, last_modifier="deployer@example.com")
+    env = await reconcile(gw, parse(SPEC), OWNED, SYNCED)  # type: ignore[arg-type]
+    assert env.drift.by == "deployer@example.com"
+    detected = [e.message for e in env.events if e.reason == "DriftDetected"]
+    assert detected == [
+        "drift: env A missing (the service was last changed by deployer@example.com)"
+    ]
+    # SetIamPolicy does not change the Service: its last_modifier says nothing of an IAM drift.
+    gw.state = replace(gw.state, bindings={})
+    iam = await reconcile(gw, parse(SPEC), OWNED, SYNCED)  # type: ignore[arg-type]
+    assert iam.drift.repaired and iam.drift.by == ""
+    assert [e.message for e in iam.events if e.reason == "DriftDetected"] == [
+        "drift: invoker user:a@example.com missing"
+    ]

@@ -145,3 +145,10 @@ def test_take_over() -> None:
     assert parse(mutate("policy.takeOver", True)).policy.take_over is True
     with pytest.raises(InvalidSpec, match=r"spec\.policy\.takeOver must be a boolean"):
         parse(mutate("policy.takeOver", "yes"))
+
+
+def test_max_instances_zero_is_unset_whatever_the_minimum() -> None:
+    spec = mutate("settings.maxInstances", 0)
+    spec["settings"]["minInstances"] = 3
+    d = parse(spec)
+    assert d.settings["minInstances"] == 3 and d.settings["maxInstances"] == 0
