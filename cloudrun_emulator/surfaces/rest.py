@@ -17,8 +17,10 @@ Cloud Run Admin API, over the same store as the gRPC face (CONTRACT §6.3).
 gcloud reaches a regional endpoint `https://{region}-run.googleapis.com`; locally it is pointed
 at `http://run.googleapis.com/` through this port as its HTTP proxy (see `gcloud_env.py`), so a
 request may arrive in proxy form (absolute URI) and the region is the `{region}-` host prefix.
-The caller's principal is the proxy user (`Proxy-Authorization: Basic`, which gcloud sends from
-its `proxy/username` property), else the `x-emulator-principal` header, else the gRPC default.
+The caller's principal is, as on the gRPC surface, the account of a bearer token this emulator
+issued (an impersonated identity; its calls are counted under it and held to its project grants),
+else the proxy user (`Proxy-Authorization: Basic`, which gcloud sends from its `proxy/username`
+property), else the `x-emulator-principal` header, else the gRPC default.
 Errors use Google's JSON error shape `{"error": {"code", "message", "status", "details"}}`
 (https://cloud.google.com/apis/design/errors#http_mapping).
 """
@@ -79,7 +81,15 @@ class Call:
 Impl = Callable[[Call], Any]
 
 
-def _principal(request: web.Request) -> str:
+def _principal(request: web.Request, store: Store) -> str:
+    """Who makes the call: the account of a token this emulator issued (GenerateAccessToken; an
+    expired one is UNAUTHENTICATED), as on the gRPC surface; else the proxy user; else the
+    x-emulator-principal header; else the default."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        account = store.credentials.principal_of(token.strip())
+        if account is not None:
+            return account
     auth = request.headers.get("Proxy-Authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "basic" and token:
@@ -516,11 +526,19 @@ def make_app(store: Store, controls: Controls) -> web.Application:
                     raise invalid("Invalid JSON payload received: the body must be an object.")
                 body = parsed
             alt = ",".join(request.query.getall("$alt", []))
+            principal = _principal(request, store)
+            mine = controls.calls_by_principal.setdefault(principal, {})
+            mine[rpc] = mine.get(rpc, 0) + 1
+            params = m.groupdict()
+            if not rpc.startswith(IAM) and store.credentials.grants:
+                # As on the gRPC surface: grants are about projects' Cloud Run resources.
+                project = params.get("project") or params.get("ns")
+                store.credentials.check(principal, project, path)
             call = Call(
-                params=m.groupdict(),
+                params=params,
                 query=request.query,
                 body=body,
-                principal=_principal(request),
+                principal=principal,
                 host_region=_host_region(request),
                 ints="enum-encoding=int" in alt,
             )

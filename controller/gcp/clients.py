@@ -198,8 +198,8 @@ def make_clients(
 
 
 def _make_rest_clients(endpoint: str | None, tenant: Credentials | None = None) -> Clients:
-    """The REST clients; ``tenant``: an impersonated identity's credentials (the emulator's REST
-    surface does not attribute calls to such a token yet: only its gRPC surface does)."""
+    """The REST clients; ``tenant``: an impersonated identity's credentials (controller.gcp.
+    identity), sent as the bearer token of every call, Cloud Run's and IAM's alike."""
     executor = ThreadPoolExecutor(_REST_THREADS, thread_name_prefix="gcp-rest")
     credentials: Credentials
     if endpoint:

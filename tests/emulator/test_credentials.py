@@ -9,10 +9,12 @@ and google-cloud-run's ServicesAsyncClient.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import pytest
+import requests
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -25,6 +27,7 @@ from controller.gcp.clients import make_clients
 from controller.gcp.identity import Gateways
 from tests.fixtures.wait import wait_for
 
+RUN_V2 = "google.cloud.run.v2.Services"  # the emulator's call counters name the gRPC method
 TENANT_A = "tenant-a-prj"
 TENANT_B = "tenant-b-prj"
 REGION = "us-west2"
@@ -208,3 +211,47 @@ async def test_impersonating_an_unknown_account_is_permission_denied(
             await run.get_service(name=_name(TENANT_A, "svc"))
     finally:
         await gateways.close()
+
+
+@pytest.mark.parametrize("fresh_emulator", [{"rest_port": 0}], indirect=True)
+async def test_impersonation_over_rest_is_attributed_and_held_to_grants(
+    fresh_emulator: EmulatorProcess,
+) -> None:
+    """--gcp-transport rest with an impersonated tenant: the REST surface, like the gRPC one,
+    counts and attributes the token's calls to the account (lastModifier), refuses the other
+    tenant's project, and answers an expired token with 401 UNAUTHENTICATED."""
+    _setup(fresh_emulator)
+    fresh_emulator.admin.set_grants(SA_A, [TENANT_A])
+    gateways = Gateways(
+        fresh_emulator.rest_url,
+        Pacer(),
+        iam_credentials_endpoint=fresh_emulator.admin_url,
+        transport="rest",
+    )
+    try:
+        gateways.for_account(SA_A)
+        # The REST adapter, called as the controller's gateway calls it.
+        run = gateways.clients[SA_A].run
+        call = {"retry": None, "timeout": 30}
+        svc = await run.get_service(request={"name": _name(TENANT_A, "svc")}, **call)
+        svc.template.containers[0].env.append(run_v2.EnvVar(name="B", value="2"))
+        await (await run.update_service(request={"service": svc}, **call)).result()
+        assert fresh_emulator.admin.get_service(TENANT_A, REGION, "svc")["lastModifier"] == SA_A
+        mine = fresh_emulator.admin.calls_by_principal()[SA_A]
+        assert mine[f"{RUN_V2}/GetService"] >= 1 and mine[f"{RUN_V2}/UpdateService"] == 1
+        with pytest.raises(gexc.PermissionDenied, match=TENANT_B):
+            await run.get_service(request={"name": _name(TENANT_B, "svc")}, **call)
+    finally:
+        await gateways.close()
+
+    fresh_emulator.admin.set_token_lifetime(1)
+    resp = await _iam_credentials(fresh_emulator).generate_access_token(
+        name=f"projects/-/serviceAccounts/{SA_B}",
+        scope=["https://www.googleapis.com/auth/cloud-platform"],
+    )
+    wait_for(lambda: resp.expire_time.timestamp() < time.time(), 10, message="token expiry")
+    url = f"{fresh_emulator.rest_url}/v2/{_name(TENANT_B, 'svc')}"
+    headers = {"Authorization": f"Bearer {resp.access_token}"}
+    refused = await asyncio.to_thread(requests.get, url, headers=headers, timeout=10)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["status"] == "UNAUTHENTICATED"
