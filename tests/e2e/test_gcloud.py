@@ -130,6 +130,14 @@ async def test_update_env_flags(
     assert after.latest_ready_revision == after.latest_created_revision
     assert after.last_modifier == CI
     assert after.client == "gcloud"  # from the run.googleapis.com/client-name annotation
+    # gcloud pins the running code when a flag changes the template but not the image: it reads
+    # the base revision (by its nonce label, else latestCreatedRevisionName) and sets the image
+    # to that revision's status.imageDigest (googlecloudsdk command_lib/run/
+    # serverless_operations.py, _EnsureImageDigest and _SwitchToDigestChange).
+    base_name = before.latest_created_revision.rsplit("/", 1)[-1]
+    base = gc.json("run", "revisions", "describe", base_name, "--region", REGION)
+    assert "@sha256:" in base["status"]["imageDigest"]
+    assert after.template.containers[0].image == base["status"]["imageDigest"]
     described = gc.json("run", "services", "describe", seeded, "--region", REGION)
     assert {k: v for k, v in env_of(described).items() if k != "S"} == expected
     assert described["metadata"]["annotations"]["serving.knative.dev/lastModifier"] == CI
