@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from cloudrun_emulator.testing import EmulatorProcess
-from tests.fixtures.bodies import env_entries
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane, namespace_name
 from tests.fixtures.orch import (
@@ -24,9 +22,9 @@ from tests.fixtures.orch import (
     OTHER_ROLE,
     PROJECT,
     REGION,
-    SA,
     Orch,
     condition,
+    deploy_service,
 )
 from tests.fixtures.wait import wait_for
 
@@ -40,46 +38,6 @@ DEADLINE = 40
 # ---------------------------------------------------------------------- helpers
 
 
-def orchestrator(name: str, service: str, **spec: Any) -> dict[str, Any]:
-    """The default Orchestrator body (tests/fixtures/orch.py's spec) with raw spec overrides."""
-    body = Orch(None, "", None, service, name=name).body()  # type: ignore[arg-type]
-    body["spec"].update(spec)
-    return body
-
-
-def apply(cp: ControlPlane, namespace: str, body: dict[str, Any]) -> None:
-    cp.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
-
-
-def handle(cp: ControlPlane, namespace: str, name: str) -> Orch:
-    return Orch(cp, namespace, None, "", name=name)  # type: ignore[arg-type]
-
-
-def get(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
-    return handle(cp, namespace, name).get()
-
-
-def wait_condition(
-    cp: ControlPlane,
-    namespace: str,
-    name: str,
-    status: str,
-    reason: str | None = None,
-    kind: str = "Ready",
-    timeout: float = DEADLINE,
-    extra: Callable[[dict[str, Any]], bool] = lambda _: True,
-) -> dict[str, Any]:
-    return handle(cp, namespace, name).wait(status, reason, kind, timeout, extra)
-
-
-def has_event(cp: ControlPlane, namespace: str, name: str, reason: str) -> list[dict[str, Any]]:
-    return handle(cp, namespace, name).has_event(reason)
-
-
-def service_state(emulator: EmulatorProcess, service: str) -> dict[str, Any]:
-    return emulator.admin.get_service(PROJECT, REGION, service)
-
-
 @pytest.fixture
 def two_namespaces(crds: ControlPlane, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     names = (namespace_name(request.node.name + "-a"), namespace_name(request.node.name + "-b"))
@@ -90,6 +48,21 @@ def two_namespaces(crds: ControlPlane, request: pytest.FixtureRequest) -> Iterat
     finally:
         for ns in names:
             crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture
+def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
+    """A service with someone else's variable, member and other role."""
+    return deploy_service(emulator, unique_name("own"))
+
+
+@pytest.fixture
+def orchs(
+    crds: ControlPlane, two_namespaces: tuple[str, str], emulator: EmulatorProcess, service: str
+) -> tuple[Orch, Orch]:
+    """The Orchestrator "orch" for ``service`` in each of the two namespaces (nothing applied)."""
+    a, b = (Orch(crds, ns, emulator, service, deadline=DEADLINE) for ns in two_namespaces)
+    return a, b
 
 
 def start_controller(
@@ -123,218 +96,156 @@ def controller2(
         proc.stop()
 
 
-@pytest.fixture
-def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
-    name = unique_name("own")
-    emulator.admin.put_service_account(SA)
-    emulator.admin.put_service(
-        PROJECT,
-        REGION,
-        name,
-        env={"FOREIGN": "keep-me"},
-        invokers={"roles/run.invoker": [FOREIGN], OTHER_ROLE: [FOREIGN]},
-    )
-    return name
+def owner(o: Orch) -> str:
+    """The owner record ``o`` writes on its service (cluster name "e2e")."""
+    return f"e2e/{o.namespace}/{o.name}"
 
 
-def annotations(emulator: EmulatorProcess, service: str) -> dict[str, str]:
-    return service_state(emulator, service).get("annotations", {})  # type: ignore[no-any-return]
+def annotations(o: Orch) -> dict[str, str]:
+    return o.state().get("annotations", {})  # type: ignore[no-any-return]
 
 
-def syncs(cp: ControlPlane, ns: str, name: str, n: int) -> None:
+def released(o: Orch) -> dict[str, Any]:
+    """The service's state, asserted to hold no owner record."""
+    state = o.state()
+    assert OWNER not in state["annotations"] and OWNED not in state["annotations"]
+    return state
+
+
+def syncs(o: Orch, n: int) -> None:
     """Wait until ``n`` more checks of the object completed (lastSyncTime has second
     resolution and resync is 2 s: each change is at least one more check; the controllers here
     run with --status-heartbeat 0, so every check writes it)."""
     seen: list[str] = []
 
     def moved() -> bool:
-        stamp = get(cp, ns, name).get("status", {}).get("lastSyncTime")
+        stamp = o.get().get("status", {}).get("lastSyncTime")
         if stamp and (not seen or seen[-1] != stamp):
             seen.append(stamp)
         return len(seen) > n
 
-    wait_for(moved, DEADLINE + 10 * n, interval=0.3, message=f"{n} more checks of {name}")
+    wait_for(moved, DEADLINE + 10 * n, interval=0.3, message=f"{n} more checks of {o.name}")
 
 
 # ---------------------------------------------------------------------- item 2: one owner
 
 
 def test_second_orchestrator_on_a_claimed_service_writes_nothing_and_names_the_owner(
-    controller2: ControllerProcess,
-    crds: ControlPlane,
-    two_namespaces: tuple[str, str],
-    emulator: EmulatorProcess,
-    service: str,
+    controller2: ControllerProcess, orchs: tuple[Orch, Orch]
 ) -> None:
-    a, b = two_namespaces
-    apply(crds, a, orchestrator("orch", service))
-    wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
-    claim = annotations(emulator, service)
-    assert claim[OWNER] == f"e2e/{a}/orch"
+    a, b = orchs
+    a.apply_ready()
+    claim = annotations(a)
+    assert claim[OWNER] == owner(a)
     assert json.loads(claim[OWNED]) == {
         "env": ["GCP_PROJECT_ID", "MODE"],
         "invokers": {"roles/run.invoker": [MEMBER]},
     }
 
-    rival = orchestrator("orch", service)
-    rival["spec"]["env"] = env_entries({"MODE": "the-other-value"})
-    apply(crds, b, rival)
-    obj = wait_condition(crds, b, "orch", "False", reason="OwnedElsewhere", timeout=DEADLINE)
-    assert f"e2e/{a}/orch" in condition(obj)["message"]
-    before = service_state(emulator, service)
-    syncs(crds, b, "orch", 3)
-    after = service_state(emulator, service)
+    b.apply(env={"MODE": "the-other-value"})
+    obj = b.wait("False", reason="OwnedElsewhere")
+    assert owner(a) in condition(obj)["message"]
+    before = b.state()
+    syncs(b, 3)
+    after = b.state()
     assert after["generation"] == before["generation"], "a write to a service owned elsewhere"
     assert after["revisions"] == before["revisions"]
     assert after["env"]["MODE"] == MODE_VALUE
-    assert condition(get(crds, a, "orch"))["status"] == "True"
-    assert has_event(crds, b, "orch", "OwnedElsewhere")
+    assert condition(a.get())["status"] == "True"
+    assert b.has_event("OwnedElsewhere")
 
 
 def test_take_over_and_release_on_deletion(
-    controller2: ControllerProcess,
-    crds: ControlPlane,
-    two_namespaces: tuple[str, str],
-    emulator: EmulatorProcess,
-    service: str,
+    controller2: ControllerProcess, orchs: tuple[Orch, Orch]
 ) -> None:
-    a, b = two_namespaces
-    apply(crds, a, orchestrator("orch", service))
-    wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
-    apply(crds, b, orchestrator("orch", service, policy={"takeOver": True}))
-    wait_condition(crds, b, "orch", "True", timeout=DEADLINE)
-    assert annotations(emulator, service)[OWNER] == f"e2e/{b}/orch"
-    assert has_event(crds, b, "orch", "TakenOver")
-    wait_condition(crds, a, "orch", "False", reason="OwnedElsewhere", timeout=DEADLINE)
+    a, b = orchs
+    a.apply_ready()
+    b.apply_ready(policy={"takeOver": True})
+    assert annotations(b)[OWNER] == owner(b)
+    assert b.has_event("TakenOver")
+    a.wait("False", reason="OwnedElsewhere")
 
     # Abandon releases the claim (and changes nothing else) ...
-    crds.kubectl("delete", "orchestrator", "orch", "-n", b, "--timeout=60s")
-    state = service_state(emulator, service)
-    assert OWNER not in state["annotations"] and OWNED not in state["annotations"]
-    assert state["env"]["MODE"] == MODE_VALUE
+    b.delete()
+    assert released(b)["env"]["MODE"] == MODE_VALUE
     # ... the other one may write again (its spec holds: no write, no claim yet) and claims the
     # service with its next write.
-    wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
-    emulator.admin.put_service(PROJECT, REGION, service, env={"FOREIGN": "keep-me"})
+    a.wait("True")
+    a.emulator.admin.put_service(PROJECT, REGION, a.service, env={"FOREIGN": "keep-me"})
     wait_for(
-        lambda: annotations(emulator, service).get(OWNER) == f"e2e/{a}/orch",
+        lambda: annotations(a).get(OWNER) == owner(a),
         DEADLINE,
         interval=0.3,
         message="the claim written with the repair",
     )
     # Revoke releases it too.
-    crds.kubectl(
-        "patch",
-        "orchestrator",
-        "orch",
-        "-n",
-        a,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"policy": {"deletion": "Revoke"}}}),
-    )
-    wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
-    crds.kubectl("delete", "orchestrator", "orch", "-n", a, "--timeout=60s")
-    state = service_state(emulator, service)
-    assert OWNER not in state["annotations"] and OWNED not in state["annotations"]
-    assert state["env"] == {"FOREIGN": "keep-me"}
+    a.patch({"spec": {"policy": {"deletion": "Revoke"}}})
+    a.wait("True")
+    a.delete()
+    assert released(a)["env"] == {"FOREIGN": "keep-me"}
 
 
 def test_claim_survives_a_deploy_and_alone_makes_no_revision(
-    controller2: ControllerProcess,
-    crds: ControlPlane,
-    two_namespaces: tuple[str, str],
-    emulator: EmulatorProcess,
-    service: str,
+    controller2: ControllerProcess, orchs: tuple[Orch, Orch]
 ) -> None:
-    a, _ = two_namespaces
+    a, _ = orchs
     # The env already holds the spec: the only write is IAM, so the claim goes alone.
-    emulator.admin.put_service(
+    a.emulator.admin.put_service(
         PROJECT,
         REGION,
-        service,
+        a.service,
         env={"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT, "MODE": MODE_VALUE},
     )
-    revisions = service_state(emulator, service)["revisions"]
-    apply(crds, a, orchestrator("orch", service))
-    wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
-    state = service_state(emulator, service)
-    assert state["annotations"][OWNER] == f"e2e/{a}/orch"
+    revisions = a.state()["revisions"]
+    a.apply_ready()
+    state = a.state()
+    assert state["annotations"][OWNER] == owner(a)
     assert state["revisions"] == revisions, "the claim alone made a revision"
     # Someone else's deploy sends the service back whole: the claim stays.
-    emulator.admin.put_service(PROJECT, REGION, service, env={"FOREIGN": "changed"})
-    wait_condition(
-        crds,
-        a,
-        "orch",
-        "True",
-        timeout=DEADLINE,
-        extra=lambda o: o["status"]["drift"]["count"] >= 1,
-    )
-    assert annotations(emulator, service)[OWNER] == f"e2e/{a}/orch"
+    a.emulator.admin.put_service(PROJECT, REGION, a.service, env={"FOREIGN": "changed"})
+    a.wait("True", extra=lambda o: o["status"]["drift"]["count"] >= 1)
+    assert annotations(a)[OWNER] == owner(a)
 
 
 def test_ownership_survives_a_lost_status(
-    crds: ControlPlane,
-    kubeconfig: str,
-    two_namespaces: tuple[str, str],
-    emulator: EmulatorProcess,
-    service: str,
-    tmp_path: Path,
+    kubeconfig: str, orchs: tuple[Orch, Orch], tmp_path: Path
 ) -> None:
     """Restore from a backup: the object comes back without status; the names it owned are
     still known from the record on the service, so a variable it no longer declares goes."""
-    a, _ = two_namespaces
-    proc = start_controller(kubeconfig, emulator, (a,), tmp_path / "c1.log")
+    a, _ = orchs
+    proc = start_controller(kubeconfig, a.emulator, (a.namespace,), tmp_path / "c1.log")
     try:
-        apply(crds, a, orchestrator("orch", service))
-        wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
+        a.apply_ready()
     finally:
         proc.stop()
     # The object is lost while no controller runs (no release), then re-created from a backup
     # that no longer declares MODE.
-    crds.kubectl(
-        "patch",
-        "orchestrator",
-        "orch",
-        "-n",
-        a,
-        "--type=merge",
-        "-p",
-        json.dumps({"metadata": {"finalizers": None}}),
-    )
-    crds.kubectl("delete", "orchestrator", "orch", "-n", a, "--timeout=60s")
-    restored = orchestrator("orch", service)
-    restored["spec"]["env"] = env_entries({"GCP_PROJECT_ID": PROJECT})
-    apply(crds, a, restored)
-    proc = start_controller(kubeconfig, emulator, (a,), tmp_path / "c2.log")
+    a.patch({"metadata": {"finalizers": None}})
+    a.delete()
+    a.apply(env={"GCP_PROJECT_ID": PROJECT})
+    proc = start_controller(kubeconfig, a.emulator, (a.namespace,), tmp_path / "c2.log")
     try:
         wait_for(
-            lambda: "MODE" not in service_state(emulator, service)["env"],
+            lambda: "MODE" not in a.state()["env"],
             DEADLINE,
             interval=0.3,
             message="MODE, owned per the record on the service, pruned",
         )
-        obj = wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
+        obj = a.wait("True")
         assert obj["status"]["managed"]["env"] == ["GCP_PROJECT_ID"]
-        assert service_state(emulator, service)["env"]["FOREIGN"] == "keep-me"
+        assert a.state()["env"]["FOREIGN"] == "keep-me"
     finally:
         proc.stop()
 
 
 def test_fight_is_detected_without_the_audit_feed(
-    crds: ControlPlane,
-    kubeconfig: str,
-    two_namespaces: tuple[str, str],
-    emulator: EmulatorProcess,
-    service: str,
-    tmp_path: Path,
+    kubeconfig: str, orchs: tuple[Orch, Orch], tmp_path: Path
 ) -> None:
     """A pipeline that undoes the spec after every repair, and no --audit-subscription."""
     pipeline_sa = "nightly-deploy@pipeline-project.iam.gserviceaccount.com"
-    a, _ = two_namespaces
+    a, _ = orchs
     proc = start_controller(
-        kubeconfig, emulator, (a,), tmp_path / "c.log", RUNWARDEN_FIGHT_THRESHOLD="2"
+        kubeconfig, a.emulator, (a.namespace,), tmp_path / "c.log", RUNWARDEN_FIGHT_THRESHOLD="2"
     )
     stop = threading.Event()
 
@@ -343,22 +254,25 @@ def test_fight_is_detected_without_the_audit_feed(
         # as repaired, not unverified), before the next check (resync 2 s).
         while not stop.wait(0.2):
             try:
-                if "MODE" in service_state(emulator, service)["env"] and not stop.wait(1.0):
-                    emulator.admin.put_service(
-                        PROJECT, REGION, service, env={"FOREIGN": "keep-me"}, principal=pipeline_sa
+                if "MODE" in a.state()["env"] and not stop.wait(1.0):
+                    a.emulator.admin.put_service(
+                        PROJECT,
+                        REGION,
+                        a.service,
+                        env={"FOREIGN": "keep-me"},
+                        principal=pipeline_sa,
                     )
             except Exception:  # the emulator is shared and busy: try again
                 continue
 
-    apply(crds, a, orchestrator("orch", service))
-    wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
+    a.apply_ready()
     undoer = threading.Thread(target=pipeline, daemon=True)
     undoer.start()
     try:
-        obj = wait_condition(crds, a, "orch", "False", reason="DriftFight", timeout=120)
+        obj = a.wait("False", reason="DriftFight", timeout=120)
         # No audit entry names who undid the spec: the service's last_modifier does.
         assert f"undone by {pipeline_sa}" in condition(obj)["message"]
-        assert has_event(crds, a, "orch", "DriftFight")
+        assert a.has_event("DriftFight")
     finally:
         stop.set()
         undoer.join(10)
@@ -369,44 +283,26 @@ def test_fight_is_detected_without_the_audit_feed(
 
 
 def test_role_edit_moves_owned_grants_and_revoke_follows_the_role(
-    controller2: ControllerProcess,
-    crds: ControlPlane,
-    two_namespaces: tuple[str, str],
-    emulator: EmulatorProcess,
-    service: str,
+    controller2: ControllerProcess, orchs: tuple[Orch, Orch]
 ) -> None:
-    a, _ = two_namespaces
-    apply(crds, a, orchestrator("orch", service, policy={"deletion": "Revoke"}))
-    wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
-    crds.kubectl(
-        "patch",
-        "orchestrator",
-        "orch",
-        "-n",
-        a,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"invokers": {"role": OTHER_ROLE, "members": [MEMBER]}}}),
-    )
-    obj = wait_condition(
-        crds,
-        a,
-        "orch",
+    a, _ = orchs
+    a.apply_ready(policy={"deletion": "Revoke"})
+    a.patch({"spec": {"invokers": {"role": OTHER_ROLE, "members": [MEMBER]}}})
+    obj = a.wait(
         "True",
-        timeout=DEADLINE,
         extra=lambda o: (
             o["status"].get("managed", {}).get("invokerRoles")
             == [{"role": OTHER_ROLE, "members": [MEMBER]}]
         ),
     )
-    iam = service_state(emulator, service)["iam"]
+    iam = a.state()["iam"]
     assert iam["roles/run.invoker"] == [FOREIGN], "the grant under the old role stayed"
     assert sorted(iam[OTHER_ROLE]) == sorted([FOREIGN, MEMBER])
     assert obj["status"]["managed"]["invokers"] == [MEMBER]
-    assert json.loads(annotations(emulator, service)[OWNED])["invokers"] == {OTHER_ROLE: [MEMBER]}
+    assert json.loads(annotations(a)[OWNED])["invokers"] == {OTHER_ROLE: [MEMBER]}
 
-    crds.kubectl("delete", "orchestrator", "orch", "-n", a, "--timeout=60s")
-    iam = service_state(emulator, service)["iam"]
+    a.delete()
+    iam = a.state()["iam"]
     assert iam["roles/run.invoker"] == [FOREIGN]
     assert iam[OTHER_ROLE] == [FOREIGN]
 
@@ -415,22 +311,18 @@ def test_role_edit_moves_owned_grants_and_revoke_follows_the_role(
 
 
 def test_pinned_traffic_is_reported_never_moved_and_ready_follows_serving(
-    controller2: ControllerProcess,
-    crds: ControlPlane,
-    two_namespaces: tuple[str, str],
-    emulator: EmulatorProcess,
-    service: str,
+    controller2: ControllerProcess, orchs: tuple[Orch, Orch]
 ) -> None:
-    a, _ = two_namespaces
-    old = service_state(emulator, service)["latestReadyRevision"].rsplit("/", 1)[-1]
+    a, _ = orchs
+    old = a.state()["latestReadyRevision"].rsplit("/", 1)[-1]
     # Someone pins all traffic to the current revision (which lacks the spec) ...
-    emulator.admin.put_service(
-        PROJECT, REGION, service, traffic=[{"revision": old, "percent": 100}]
+    a.emulator.admin.put_service(
+        PROJECT, REGION, a.service, traffic=[{"revision": old, "percent": 100}]
     )
     # ... then the Orchestrator writes the spec: a new revision, which serves nothing.
-    apply(crds, a, orchestrator("orch", service))
-    obj = wait_condition(crds, a, "orch", "False", reason="TrafficPinned", timeout=DEADLINE)
-    state = service_state(emulator, service)
+    a.apply()
+    obj = a.wait("False", reason="TrafficPinned")
+    state = a.state()
     new = state["latestReadyRevision"].rsplit("/", 1)[-1]
     assert new != old and state["env"]["MODE"] == MODE_VALUE
     serving = condition(obj, "ServingSynced")
@@ -438,13 +330,13 @@ def test_pinned_traffic_is_reported_never_moved_and_ready_follows_serving(
     assert f"{old} 100%" in serving["message"] and new in serving["message"]
     for kind in ("EnvSynced", "InvokersSynced", "SettingsSynced"):
         assert condition(obj, kind)["status"] == "True"
-    assert has_event(crds, a, "orch", "TrafficPinned")
-    syncs(crds, a, "orch", 2)
-    assert service_state(emulator, service)["trafficStatuses"] == [
+    assert a.has_event("TrafficPinned")
+    syncs(a, 2)
+    assert a.state()["trafficStatuses"] == [
         {"type": "REVISION", "revision": old, "percent": 100}
     ], "Runwarden moved pinned traffic"
 
     # The canary is over: traffic goes to the latest revision; Ready and ServingSynced follow.
-    emulator.admin.put_service(PROJECT, REGION, service, traffic=[{"percent": 100}])
-    obj = wait_condition(crds, a, "orch", "True", timeout=DEADLINE)
+    a.emulator.admin.put_service(PROJECT, REGION, a.service, traffic=[{"percent": 100}])
+    obj = a.wait("True")
     assert condition(obj, "ServingSynced")["status"] == "True"
