@@ -16,7 +16,8 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -69,6 +70,23 @@ def env_of(emulator: EmulatorProcess, name: str) -> dict[str, str]:
     return dict(emulator.admin.get_service(PROJECT, REGION, name)["env"])
 
 
+def drift(emulator: EmulatorProcess, name: str) -> None:
+    """Someone else's deploy: the service's env back to ``FOREIGN`` alone."""
+    emulator.admin.put_service(PROJECT, REGION, name, env={"FOREIGN": "keep"})
+
+
+def wait_repaired(
+    emulator: EmulatorProcess, name: str, message: str, interval: float = 0.2
+) -> None:
+    """Wait until the declared GCP_PROJECT_ID is back on the service."""
+    wait_for(
+        lambda: "GCP_PROJECT_ID" in env_of(emulator, name),
+        DEADLINE,
+        interval=interval,
+        message=message,
+    )
+
+
 def ready(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any] | None:
     try:
         obj = get(cp, namespace, name)
@@ -97,29 +115,44 @@ def logged(proc: ControllerProcess, event: str) -> list[dict[str, Any]]:
 
 
 def replica(
-    kubeconfig: str,
-    emulator: EmulatorProcess,
-    namespace: str,
-    tmp_path: Path,
-    name: str,
-    *extra: str,
-    resync: float = 2,
+    own_controller: Callable[..., ControllerProcess], namespace: str, name: str
 ) -> ControllerProcess:
     """One controller replica with leader election on a Lease in the test's namespace."""
-    return ControllerProcess(
-        kubeconfig=kubeconfig,
-        gcp_endpoint=emulator.grpc_endpoint,
-        namespaces=[namespace],
-        log_path=tmp_path / f"{name}.log",
-        resync_seconds=resync,
+    return own_controller(
+        f"{name}.log",
         extra_args=[
             "--leader-election",
             f"--leader-election-namespace={namespace}",
             f"--leader-election-identity={name}",
             f"--own-principal={name}@example.com",
-            *extra,
         ],
     )
+
+
+@contextmanager
+def leader_and_standby(
+    crds: ControlPlane,
+    namespace: str,
+    emulator: EmulatorProcess,
+    own_controller: Callable[..., ControllerProcess],
+    service: str,
+) -> Iterator[tuple[ControllerProcess, ControllerProcess]]:
+    """replica-a holding the Lease, replica-b standing by, and the Orchestrator "orch" for
+    ``service`` (deployed here) Ready; replica-a killed and replica-b stopped on the way out."""
+    deploy(emulator, service)
+    a = replica(own_controller, namespace, "replica-a")
+    b = replica(own_controller, namespace, "replica-b")
+    try:
+        a.start()  # "started" is logged once it holds the Lease
+        assert lease_holder(crds, namespace) == "replica-a"
+        b.start(wait=False)
+        wait_for(lambda: logged(b, "standby"), DEADLINE, message="replica-b standing by")
+        apply(crds, namespace, orchestrator("orch", service))
+        wait_for(lambda: ready(crds, namespace, "orch"), DEADLINE, message="Ready")
+        yield a, b
+    finally:
+        a.kill()
+        b.stop()
 
 
 def lease_holder(cp: ControlPlane, namespace: str, name: str = "runwarden") -> str:
@@ -136,19 +169,11 @@ def test_a_steady_orchestrator_costs_no_status_write_and_drift_is_written_at_onc
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     emulator = fresh_emulator
     deploy(emulator, "steady")
-    with ControllerProcess(
-        kubeconfig=kubeconfig,
-        gcp_endpoint=emulator.grpc_endpoint,
-        namespaces=[namespace],
-        log_path=tmp_path / "c.log",
-        resync_seconds=2,
-        status_heartbeat=300,  # the default, said out loud
-    ):
+    with own_controller(status_heartbeat=300):  # the default heartbeat, said out loud
         apply(crds, namespace, orchestrator("orch", "steady"))
         first = wait_for(lambda: ready(crds, namespace, "orch"), DEADLINE, message="Ready")
 
@@ -180,7 +205,7 @@ def test_a_steady_orchestrator_costs_no_status_write_and_drift_is_written_at_onc
         print(f"\nstatus economy: {checks} no-change checks, 0 apiserver writes")
 
         # A drift is written at once, with a fresh lastSyncTime.
-        emulator.admin.put_service(PROJECT, REGION, "steady", env={"FOREIGN": "keep"})
+        drift(emulator, "steady")
         repaired = wait_for(
             lambda: (o := get(crds, namespace, "orch"))["status"]["drift"]["count"] >= 1 and o,
             DEADLINE,
@@ -199,47 +224,30 @@ def test_only_the_leader_calls_google_and_a_standby_repairs_after_the_leader_is_
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     emulator = fresh_emulator
-    deploy(emulator, "elected")
-    a = replica(kubeconfig, emulator, namespace, tmp_path, "replica-a")
-    b = replica(kubeconfig, emulator, namespace, tmp_path, "replica-b")
-    try:
-        a.start()  # "started" is logged once it holds the Lease
-        assert lease_holder(crds, namespace) == "replica-a"
-        b.start(wait=False)
-        wait_for(lambda: logged(b, "standby"), DEADLINE, message="replica-b standing by")
-        apply(crds, namespace, orchestrator("orch", "elected"))
-        wait_for(lambda: ready(crds, namespace, "orch"), DEADLINE, message="Ready")
-        emulator.admin.put_service(PROJECT, REGION, "elected", env={"FOREIGN": "keep"})
-        wait_for(
-            lambda: "GCP_PROJECT_ID" in env_of(emulator, "elected"),
-            DEADLINE,
-            message="the leader repairs a drift",
-        )
+    with leader_and_standby(crds, namespace, emulator, own_controller, "elected") as (a, b):
+        drift(emulator, "elected")
+        wait_repaired(emulator, "elected", "the leader repairs a drift")
         assert writes_by(emulator, "replica-a@example.com") >= 2
         assert calls_by(emulator, "replica-b@example.com") == 0, "the standby called Google"
         assert not logged(b, "started") and not logged(b, "leader_elected")
 
         a.kill()
         killed = time.monotonic()
-        emulator.admin.put_service(PROJECT, REGION, "elected", env={"FOREIGN": "keep"})
-        wait_for(
-            lambda: "GCP_PROJECT_ID" in env_of(emulator, "elected"),
-            DEADLINE,
+        drift(emulator, "elected")
+        wait_repaired(
+            emulator,
+            "elected",
+            "the standby repairs the drift after the leader's SIGKILL",
             interval=0.1,
-            message="the standby repairs the drift after the leader's SIGKILL",
         )
         took = time.monotonic() - killed
         print(f"\nfailover: drift repaired {took:.1f} s after SIGKILL of the leader")
         assert writes_by(emulator, "replica-b@example.com") >= 1
         assert lease_holder(crds, namespace) == "replica-b"
         assert env_of(emulator, "elected")["FOREIGN"] == "keep"
-    finally:
-        a.kill()
-        b.stop()
     # A clean stop hands the Lease back at once.
     assert lease_holder(crds, namespace) == ""
     assert b.proc is not None and b.proc.returncode == 0, b.tail()
@@ -249,46 +257,28 @@ def test_a_leader_paused_past_its_lease_writes_nothing_after_it_wakes(
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     emulator = fresh_emulator
-    deploy(emulator, "fenced")
-    a = replica(kubeconfig, emulator, namespace, tmp_path, "replica-a")
-    b = replica(kubeconfig, emulator, namespace, tmp_path, "replica-b")
-    paused = False
-    try:
-        a.start()
-        b.start(wait=False)
-        wait_for(lambda: logged(b, "standby"), DEADLINE, message="replica-b standing by")
-        apply(crds, namespace, orchestrator("orch", "fenced"))
-        wait_for(lambda: ready(crds, namespace, "orch"), DEADLINE, message="Ready")
+    with leader_and_standby(crds, namespace, emulator, own_controller, "fenced") as (a, _):
         assert a.pid is not None
         os.kill(a.pid, signal.SIGSTOP)
-        paused = True
-        wait_for(
-            lambda: lease_holder(crds, namespace) == "replica-b",
-            DEADLINE,
-            message="replica-b takes the Lease of the paused leader",
-        )
-        # A drift for both to see: the new leader repairs it ...
-        emulator.admin.put_service(PROJECT, REGION, "fenced", env={"FOREIGN": "keep"})
-        wait_for(
-            lambda: "GCP_PROJECT_ID" in env_of(emulator, "fenced"),
-            DEADLINE,
-            message="the new leader repairs the drift",
-        )
-        # ... and another one that the old leader finds the moment it wakes: its drift loop is
-        # long overdue, so it would check (and repair) at once, were it not fenced.
-        emulator.admin.put_service(PROJECT, REGION, "fenced", env={"FOREIGN": "keep"})
-        writes_a = writes_by(emulator, "replica-a@example.com")
-        os.kill(a.pid, signal.SIGCONT)
-        paused = False
-        wait_for(
-            lambda: "GCP_PROJECT_ID" in env_of(emulator, "fenced"),
-            DEADLINE,
-            message="the drift repaired (by the new leader)",
-        )
+        try:
+            wait_for(
+                lambda: lease_holder(crds, namespace) == "replica-b",
+                DEADLINE,
+                message="replica-b takes the Lease of the paused leader",
+            )
+            # A drift for both to see: the new leader repairs it ...
+            drift(emulator, "fenced")
+            wait_repaired(emulator, "fenced", "the new leader repairs the drift")
+            # ... and another one that the old leader finds the moment it wakes: its drift loop
+            # is long overdue, so it would check (and repair) at once, were it not fenced.
+            drift(emulator, "fenced")
+            writes_a = writes_by(emulator, "replica-a@example.com")
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        wait_repaired(emulator, "fenced", "the drift repaired (by the new leader)")
         # The old leader notices it lost the Lease and exits (to restart as a standby).
         wait_for(lambda: not a.running, DEADLINE, message="the old leader exits")
         assert a.proc is not None and a.proc.returncode == 3, a.tail()
@@ -298,11 +288,6 @@ def test_a_leader_paused_past_its_lease_writes_nothing_after_it_wakes(
         )
         assert writes_by(emulator, "replica-b@example.com") >= 2
         assert lease_holder(crds, namespace) == "replica-b"
-    finally:
-        if paused and a.pid is not None:
-            os.kill(a.pid, signal.SIGCONT)
-        a.kill()
-        b.stop()
 
 
 # ---------------------------------------------------------------------- shards
@@ -312,19 +297,15 @@ def test_disjoint_selectors_each_serve_only_their_own(
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     emulator = fresh_emulator
     for name in ("svc-a", "svc-b", "svc-none"):
         deploy(emulator, name)
 
     def shard(name: str, selector: str) -> ControllerProcess:
-        return ControllerProcess(
-            kubeconfig=kubeconfig,
-            gcp_endpoint=emulator.grpc_endpoint,
-            namespaces=[namespace],
-            log_path=tmp_path / f"{name}.log",
+        return own_controller(
+            f"{name}.log",
             extra_args=[f"--selector={selector}", f"--own-principal={name}@example.com"],
         )
 
@@ -350,12 +331,8 @@ def test_disjoint_selectors_each_serve_only_their_own(
         # shard-a's filtered watch reports orch-a DELETED: it stops serving it.
         wait_for(lambda: logged(a, "unselected"), DEADLINE, message="shard-a lets orch-a go")
         writes_a = writes_by(emulator, "shard-a@example.com")
-        emulator.admin.put_service(PROJECT, REGION, "svc-a", env={"FOREIGN": "keep"})
-        wait_for(
-            lambda: "GCP_PROJECT_ID" in env_of(emulator, "svc-a"),
-            DEADLINE,
-            message="orch-a's drift repaired after the relabel",
-        )
+        drift(emulator, "svc-a")
+        wait_repaired(emulator, "svc-a", "orch-a's drift repaired after the relabel")
         assert writes_by(emulator, "shard-a@example.com") == writes_a, "shard-a still serves it"
         wait_for(lambda: "orch-a" in checked(b), DEADLINE, message="shard-b logged the repair")
 
