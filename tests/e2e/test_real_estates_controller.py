@@ -25,13 +25,29 @@ DEADLINE = 30  # resync 2 s + rollout + watch latency, on a busy 2-core machine
 
 
 @pytest.fixture
-def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
-    name = unique_name("estate")
-    emulator.admin.put_service_account(SA)
-    emulator.admin.put_service(
-        PROJECT, REGION, name, env={"FOREIGN": "x"}, invokers={"roles/run.invoker": [FOREIGN]}
-    )
-    return name
+def estate(
+    controller: ControllerProcess,
+    crds: ControlPlane,
+    namespace: str,
+    emulator: EmulatorProcess,
+    unique_name: Callable[[str], str],
+) -> Callable[[str], Orch]:
+    """A factory: the Orchestrator ``name`` (served by ``controller``, nothing applied) for a
+    service of its own with a foreign variable and invoker."""
+
+    def make(name: str) -> Orch:
+        service = unique_name("estate")
+        emulator.admin.put_service_account(SA)
+        emulator.admin.put_service(
+            PROJECT,
+            REGION,
+            service,
+            env={"FOREIGN": "x"},
+            invokers={"roles/run.invoker": [FOREIGN]},
+        )
+        return Orch(crds, namespace, emulator, service, controller, name=name, deadline=DEADLINE)
+
+    return make
 
 
 def on_clients(endpoint: str, action: Callable[[Any], Any]) -> None:
@@ -48,15 +64,11 @@ def on_clients(endpoint: str, action: Callable[[Any], Any]) -> None:
 
 
 def test_a_pinned_revision_name_is_repaired_not_retried_as_a_conflict(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
+    estate: Callable[[str], Orch],
 ) -> None:
-    orch = Orch(crds, namespace, emulator, service, controller, name="pinned")
-    orch.apply()
-    orch.wait("True", timeout=DEADLINE)
+    orch = estate("pinned")
+    service, emulator = orch.service, orch.emulator
+    orch.apply_ready()
     pinned = f"{service}-tf-1"
 
     def deploy(svc: Any) -> None:
@@ -75,17 +87,14 @@ def test_a_pinned_revision_name_is_repaired_not_retried_as_a_conflict(
 
 
 def test_conditional_members_are_said_in_status_and_a_warning(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
+    estate: Callable[[str], Orch],
 ) -> None:
-    orch = Orch(crds, namespace, emulator, service, controller, name="cond")
+    orch = estate("cond")
+    service, emulator = orch.service, orch.emulator
     on_clients(emulator.grpc_endpoint, lambda c: grant_under_condition(c, service, TEMP, PROJECT))
     conditional = orch.state()["iamConditional"]
     orch.apply(policy={"invokers": "Authoritative"})
-    obj = orch.wait("True", timeout=DEADLINE)
+    obj = orch.wait("True")
     message = condition(obj, "InvokersSynced")["message"]
     assert TEMP in message and "Authoritative" in message
     wait_for(
@@ -100,16 +109,10 @@ def test_conditional_members_are_said_in_status_and_a_warning(
     assert state["iamConditional"] == conditional  # never touched
 
 
-def test_invoker_iam_disabled_is_repaired_and_reported(
-    controller: ControllerProcess,
-    crds: ControlPlane,
-    namespace: str,
-    emulator: EmulatorProcess,
-    service: str,
-) -> None:
-    orch = Orch(crds, namespace, emulator, service, controller, name="iam-off")
-    orch.apply()
-    orch.wait("True", timeout=DEADLINE)
+def test_invoker_iam_disabled_is_repaired_and_reported(estate: Callable[[str], Orch]) -> None:
+    orch = estate("iam-off")
+    service, emulator = orch.service, orch.emulator
+    orch.apply_ready()
     on_clients(emulator.grpc_endpoint, lambda c: make_public(c, service, PROJECT))
     wait_for(
         lambda: orch.state()["invokerIamDisabled"] is False,
@@ -118,7 +121,6 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
     )
     obj = orch.wait(
         "True",
-        timeout=DEADLINE,
         extra=lambda o: any(
             "invokerIamDisabled" in line for line in o["status"]["drift"].get("last", [])
         ),
@@ -131,7 +133,6 @@ def test_invoker_iam_disabled_is_repaired_and_reported(
     obj = orch.wait(
         "True",
         kind="InvokersSynced",
-        timeout=DEADLINE,
         extra=lambda o: (
             "invokerIamDisabled is true" in condition(o, "InvokersSynced").get("message", "")
         ),
