@@ -330,63 +330,37 @@ class _OnePage:
 
 
 class _RestRun:
-    """``RunApi`` over the synchronous REST ``ServicesClient``."""
+    """``RunApi`` over the synchronous REST ``ServicesClient``: each call is the client's own
+    method of the same name with the same keyword arguments, run in a REST thread."""
 
     def __init__(self, client: run_v2.ServicesClient, executor: ThreadPoolExecutor) -> None:
         self._client = client
         self._executor = executor
 
-    async def get_service(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
-        return await _in_thread(
-            self._executor,
-            lambda: self._client.get_service(request=request, retry=retry, timeout=timeout),
-        )
+    async def _call(self, method: Callable[..., T], **kwargs: Any) -> T:
+        """``method(**kwargs)`` (the sync client's) in a REST thread."""
+        return await _in_thread(self._executor, functools.partial(method, **kwargs))
 
-    async def update_service(
-        self,
-        *,
-        request: Any,
-        retry: Any,
-        timeout: Any,  # noqa: ASYNC109
-        metadata: Metadata = (),
-    ) -> Any:
-        operation = await _in_thread(
-            self._executor,
-            lambda: self._client.update_service(
-                request=request, retry=retry, timeout=timeout, metadata=metadata
-            ),
-        )
+    async def get_service(self, **kwargs: Any) -> Any:
+        return await self._call(self._client.get_service, **kwargs)
+
+    async def update_service(self, **kwargs: Any) -> Any:
+        operation = await self._call(self._client.update_service, **kwargs)
         return _RestOperation(operation, self._executor)
 
-    async def list_services(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
+    async def list_services(self, **kwargs: Any) -> Any:
         """One page, as an async pager's ``pages`` yields it (the page is the response)."""
 
         def first_page() -> Any:
-            pager = self._client.list_services(request=request, retry=retry, timeout=timeout)
-            return next(iter(pager.pages))
+            return next(iter(self._client.list_services(**kwargs).pages))
 
         return _OnePage(await _in_thread(self._executor, first_page))
 
-    async def get_iam_policy(self, *, request: Any, retry: Any, timeout: Any) -> Any:  # noqa: ASYNC109
-        return await _in_thread(
-            self._executor,
-            lambda: self._client.get_iam_policy(request=request, retry=retry, timeout=timeout),
-        )
+    async def get_iam_policy(self, **kwargs: Any) -> Any:
+        return await self._call(self._client.get_iam_policy, **kwargs)
 
-    async def set_iam_policy(
-        self,
-        *,
-        request: Any,
-        retry: Any,
-        timeout: Any,  # noqa: ASYNC109
-        metadata: Metadata = (),
-    ) -> Any:
-        return await _in_thread(
-            self._executor,
-            lambda: self._client.set_iam_policy(
-                request=request, retry=retry, timeout=timeout, metadata=metadata
-            ),
-        )
+    async def set_iam_policy(self, **kwargs: Any) -> Any:
+        return await self._call(self._client.set_iam_policy, **kwargs)
 
 
 class _RestIam:
