@@ -15,10 +15,21 @@ from controller.domain.model import Failure, Reason, Retry
 
 
 class GatewayError(Exception):
-    """A failed call to Google, as a condition reason and a message without values."""
+    """A failed call to Google, as a condition reason and a message without values.
+
+    A kind says its reason and retry class in its bases:
+    ``class NotFound(GatewayError, reason=..., retry=...)`` (what it leaves out, it inherits).
+    """
 
     reason: str = Reason.UNAVAILABLE
     retry: Retry = Retry.TRANSIENT
+
+    def __init_subclass__(cls, *, reason: str | None = None, retry: Retry | None = None) -> None:
+        super().__init_subclass__()
+        if reason is not None:
+            cls.reason = reason
+        if retry is not None:
+            cls.retry = retry
 
     def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
@@ -29,59 +40,41 @@ class GatewayError(Exception):
         return Failure(self.reason, self.message, self.retry)
 
 
-class NotFound(GatewayError):
-    reason = Reason.SERVICE_NOT_FOUND
-    retry = Retry.RESYNC
+class NotFound(GatewayError, reason=Reason.SERVICE_NOT_FOUND, retry=Retry.RESYNC): ...
 
 
-class ServiceAccountMissing(GatewayError):
-    reason = Reason.SERVICE_ACCOUNT_NOT_FOUND
-    retry = Retry.RESYNC
+class ServiceAccountMissing(
+    GatewayError, reason=Reason.SERVICE_ACCOUNT_NOT_FOUND, retry=Retry.RESYNC
+): ...
 
 
-class PermissionDenied(GatewayError):
-    reason = Reason.PERMISSION_DENIED
-    retry = Retry.RESYNC
+class PermissionDenied(GatewayError, reason=Reason.PERMISSION_DENIED, retry=Retry.RESYNC): ...
 
 
-class QuotaExceeded(GatewayError):
-    reason = Reason.QUOTA_EXCEEDED
-    retry = Retry.QUOTA
+class QuotaExceeded(GatewayError, reason=Reason.QUOTA_EXCEEDED, retry=Retry.QUOTA): ...
 
 
-class Unavailable(GatewayError):
-    reason = Reason.UNAVAILABLE
+class Unavailable(GatewayError, reason=Reason.UNAVAILABLE): ...
 
 
-class NotLeader(GatewayError):
+class NotLeader(GatewayError, reason=Reason.UNAVAILABLE):
     """A write held back: this replica no longer holds a valid leader Lease (fencing)."""
 
-    reason = Reason.UNAVAILABLE
+
+class Conflict(GatewayError, reason=Reason.CONFLICT): ...
 
 
-class Conflict(GatewayError):
-    reason = Reason.CONFLICT
-
-
-class AlreadyExists(GatewayError):
+class AlreadyExists(GatewayError, reason=Reason.ALREADY_EXISTS, retry=Retry.SLOWLY):
     """Cloud Run refused a write because something of that name exists (for UpdateService: a
     revision named in ``template.revision`` with a different template). Not transient: the same
     write fails the same way until someone changes it."""
 
-    reason = Reason.ALREADY_EXISTS
-    retry = Retry.SLOWLY
+
+class RevisionFailed(GatewayError, reason=Reason.REVISION_FAILED, retry=Retry.SLOWLY): ...
 
 
-class RevisionFailed(GatewayError):
-    reason = Reason.REVISION_FAILED
-    retry = Retry.SLOWLY
-
-
-class Invalid(GatewayError):
+class Invalid(GatewayError, reason=Reason.INVALID_SPEC, retry=Retry.SLOWLY):
     """Google refused the request as invalid (or the spec names something the service lacks)."""
-
-    reason = Reason.INVALID_SPEC
-    retry = Retry.SLOWLY
 
 
 def retry_delay(exc: gexc.GoogleAPICallError) -> float:
