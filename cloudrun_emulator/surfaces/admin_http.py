@@ -18,6 +18,7 @@ from ..control import Controls, Faults, Quota, parse_faults, parse_quota
 from ..errors import ApiError, invalid
 from ..store import Store
 from ..views import admin as view
+from .http_site import serve
 
 log = logging.getLogger("cloudrun_emulator")
 
@@ -199,6 +200,11 @@ class Admin:
         return await self.get_grants(request)
 
 
+def _on(path: str, **handlers: Handler) -> list[web.RouteDef]:
+    """``path``'s routes, one per method keyword (``get=`` is ``web.get``: HEAD too)."""
+    return [getattr(web, method)(path, handler) for method, handler in handlers.items()]
+
+
 def make_app(store: Store, controls: Controls) -> web.Application:
     a = Admin(store, controls)
     app = web.Application(middlewares=[_errors], client_max_size=8 * 1024 * 1024)
@@ -208,23 +214,13 @@ def make_app(store: Store, controls: Controls) -> web.Application:
         [
             web.get("/healthz", a.healthz),
             web.get("/admin/services", a.list_services),
-            web.put(svc, a.put_service),
-            web.get(svc, a.get_service),
-            web.delete(svc, a.delete_service),
+            *_on(svc, put=a.put_service, get=a.get_service, delete=a.delete_service),
             web.get("/admin/serviceaccounts", a.list_sa),
-            web.put(sa, a.put_sa),
-            web.delete(sa, a.delete_sa),
-            web.get("/admin/faults", a.get_faults),
-            web.put("/admin/faults", a.put_faults),
-            web.delete("/admin/faults", a.delete_faults),
-            web.get("/admin/calls", a.get_calls),
-            web.delete("/admin/calls", a.delete_calls),
-            web.get("/admin/quota", a.get_quota),
-            web.put("/admin/quota", a.put_quota),
-            web.delete("/admin/quota", a.delete_quota),
-            web.get("/admin/grants", a.get_grants),
-            web.put("/admin/grants", a.put_grants),
-            web.delete("/admin/grants", a.delete_grants),
+            *_on(sa, put=a.put_sa, delete=a.delete_sa),
+            *_on("/admin/faults", get=a.get_faults, put=a.put_faults, delete=a.delete_faults),
+            *_on("/admin/calls", get=a.get_calls, delete=a.delete_calls),
+            *_on("/admin/quota", get=a.get_quota, put=a.put_quota, delete=a.delete_quota),
+            *_on("/admin/grants", get=a.get_grants, put=a.put_grants, delete=a.delete_grants),
             web.put("/admin/tokens", a.put_token_lifetime),
             web.post("/v1/projects/{project}/serviceAccounts/{account}", a.generate_access_token),
         ]
@@ -235,8 +231,4 @@ def make_app(store: Store, controls: Controls) -> web.Application:
 async def start_admin(
     store: Store, controls: Controls, host: str, port: int
 ) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(store, controls), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=False)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
+    return await serve(make_app(store, controls), host, port)

@@ -52,6 +52,7 @@ from ..store import Store
 from ..store.directory import missing
 from ..store.records import ServiceEntry
 from .grpc import DEFAULT_PRINCIPAL, PRINCIPAL_HEADER
+from .http_site import serve
 
 log = logging.getLogger("cloudrun_emulator")
 
@@ -427,6 +428,18 @@ def _v1_request(key: names.ServiceKey, body: dict[str, Any]) -> dict[str, Any]:
 _SVC = r"/services/(?P<name>[a-z][-a-z0-9]*)"
 
 
+def _iam_routes(
+    api: RestApi, prefix: str, rpc: str, set_policy: Impl
+) -> list[tuple[str, str, Impl, str]]:
+    """A service's IAM methods under ``prefix`` (v1 and v2 differ only in the policy write)."""
+    on, test = prefix + _SVC, api.test_iam_permissions
+    return [
+        ("GET", on + ":getIamPolicy$", api.get_iam_policy, f"{rpc}/GetIamPolicy"),
+        ("POST", on + ":setIamPolicy$", set_policy, f"{rpc}/SetIamPolicy"),
+        ("POST", on + ":testIamPermissions$", test, f"{rpc}/TestIamPermissions"),
+    ]
+
+
 def _routes(api: RestApi) -> list[tuple[str, re.Pattern[str], Impl, str]]:
     """(HTTP method, path pattern, implementation, the call's name for counters and faults)."""
     table: list[tuple[str, str, Impl, str]] = [
@@ -439,27 +452,13 @@ def _routes(api: RestApi) -> list[tuple[str, re.Pattern[str], Impl, str]]:
         ("GET", _KN + r"/revisions/(?P<name>[^/:]+)$", api.v1_get_revision, f"{V1}/GetRevision"),
         ("GET", _V1P + r"/services$", api.v1_list_services, f"{V1}/ListServices"),
         ("GET", _V1P + _SVC + "$", api.v1_get_service, f"{V1}/GetService"),
-        ("GET", _V1P + _SVC + ":getIamPolicy$", api.get_iam_policy, f"{V1}/GetIamPolicy"),
-        ("POST", _V1P + _SVC + ":setIamPolicy$", api.v1_set_iam_policy, f"{V1}/SetIamPolicy"),
-        (
-            "POST",
-            _V1P + _SVC + ":testIamPermissions$",
-            api.test_iam_permissions,
-            f"{V1}/TestIamPermissions",
-        ),
+        *_iam_routes(api, _V1P, V1, api.v1_set_iam_policy),
         ("GET", _V2P + r"/services$", api.v2_list_services, f"{V2}/ListServices"),
         ("POST", _V2P + r"/services$", api.v2_create_service, f"{V2}/CreateService"),
         ("GET", _V2P + _SVC + "$", api.v2_get_service, f"{V2}/GetService"),
         ("PATCH", _V2P + _SVC + "$", api.v2_update_service, f"{V2}/UpdateService"),
         ("DELETE", _V2P + _SVC + "$", api.v2_delete_service, f"{V2}/DeleteService"),
-        ("GET", _V2P + _SVC + ":getIamPolicy$", api.get_iam_policy, f"{V2}/GetIamPolicy"),
-        ("POST", _V2P + _SVC + ":setIamPolicy$", api.v2_set_iam_policy, f"{V2}/SetIamPolicy"),
-        (
-            "POST",
-            _V2P + _SVC + ":testIamPermissions$",
-            api.test_iam_permissions,
-            f"{V2}/TestIamPermissions",
-        ),
+        *_iam_routes(api, _V2P, V2, api.v2_set_iam_policy),
         ("GET", _V2P + r"/operations/(?P<op>[^/:]+)$", api.get_operation, f"{OPS}/GetOperation"),
         (
             "POST",
@@ -569,8 +568,4 @@ def make_app(store: Store, controls: Controls) -> web.Application:
 async def start_rest(
     store: Store, controls: Controls, host: str, port: int
 ) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(store, controls), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=False)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
+    return await serve(make_app(store, controls), host, port)
