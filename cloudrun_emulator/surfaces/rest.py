@@ -232,17 +232,7 @@ class RestApi:
                 f"set metadata.labels['{knative.LOCATION_LABEL}']."
             )
         key = self.store.directory.resolve(names.service_key(project, str(region), name))
-        svc = knative.service_from_v1(c.body)
-        entry, _, _ = self.store.services.deploy(
-            key,
-            svc,
-            principal=c.principal,
-            method=f"{V1}.CreateService",
-            request=_v1_request(key, c.body),
-            must_exist=False,
-        )
-        assert entry is not None
-        return knative.service_v1(entry)
+        return self._v1_deploy(key, c, "CreateService", must_exist=False)
 
     def v1_replace_service(self, c: Call) -> Any:
         project = self._project(c.params["ns"])
@@ -254,19 +244,22 @@ class RestApi:
                 f"'{c.params['name']}'."
             )
         rv = str(meta.get("resourceVersion") or "")
-        key = entry.key
-        svc = knative.service_from_v1(c.body)
-        new_entry, _, _ = self.store.services.deploy(
+        etag = f'"{rv}"' if rv else ""
+        return self._v1_deploy(entry.key, c, "ReplaceService", etag=etag, must_exist=True)
+
+    def _v1_deploy(self, key: names.ServiceKey, c: Call, method: str, **options: Any) -> Any:
+        """The Knative Service in ``c.body`` deployed as ``key`` by ``method`` (``options``:
+        the store's ``deploy`` keywords); the Knative view of the result."""
+        entry, _, _ = self.store.services.deploy(
             key,
-            svc,
+            knative.service_from_v1(c.body),
             principal=c.principal,
-            method=f"{V1}.ReplaceService",
+            method=f"{V1}.{method}",
             request=_v1_request(key, c.body),
-            etag=f'"{rv}"' if rv else "",
-            must_exist=True,
+            **options,
         )
-        assert new_entry is not None
-        return knative.service_v1(new_entry)
+        assert entry is not None
+        return knative.service_v1(entry)
 
     def v1_delete_service(self, c: Call) -> Any:
         project = self._project(c.params["ns"])
