@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from google.cloud import run_v2
-from google.iam.v1 import iam_policy_pb2
 
 from cloudrun_emulator.testing import EmulatorProcess, free_port
-from controller.gcp.clients import make_clients
+from tests.fixtures import drift
 from tests.fixtures.controller import ControllerProcess
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.orch import (
@@ -27,7 +24,6 @@ from tests.fixtures.orch import (
     OTHER_ROLE,
     PROJECT,
     REGION,
-    REPAIR_DEADLINE,
     ROLE,
     SA,
     Orch,
@@ -62,39 +58,6 @@ def own_service(
     return Orch(crds, namespace, emulator, service)
 
 
-async def full_template_update_without_env(endpoint: str, service: str) -> None:
-    """What `gcloud run deploy --set-env-vars OTHER=1` does: the whole template, our vars gone."""
-    clients = make_clients(endpoint)
-    try:
-        name = f"projects/{PROJECT}/locations/{REGION}/services/{service}"
-        svc = await clients.run.get_service(name=name)
-        container = svc.template.containers[0]
-        del container.env[:]
-        container.env.append(run_v2.EnvVar(name="OTHER", value="1"))
-        container.env.append(run_v2.EnvVar(name="FOREIGN", value="keep-me"))
-        op = await clients.run.update_service(service=svc)
-        await op.result(timeout=30)
-    finally:
-        await clients.close()
-
-
-async def drop_member_with_set_iam_policy(endpoint: str, service: str, member: str) -> None:
-    clients = make_clients(endpoint)
-    try:
-        resource = f"projects/{PROJECT}/locations/{REGION}/services/{service}"
-        policy = await clients.run.get_iam_policy(
-            request=iam_policy_pb2.GetIamPolicyRequest(resource=resource)
-        )
-        for binding in policy.bindings:
-            if member in binding.members:
-                binding.members.remove(member)
-        await clients.run.set_iam_policy(
-            request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=policy)
-        )
-    finally:
-        await clients.close()
-
-
 # ---------------------------------------------------------------------- tests
 
 
@@ -104,9 +67,7 @@ def test_apply_becomes_ready_and_service_holds_spec(ready_orchestrator: Orch) ->
     obj = orch.ready
     assert obj is not None
     state = orch.state()
-    assert state["env"] == {"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT, "MODE": MODE_VALUE}
-    assert sorted(state["iam"][ROLE]) == sorted([FOREIGN, MEMBER])
-    assert state["iam"][OTHER_ROLE] == [FOREIGN]
+    drift.assert_spec_held(state)
     assert state["settings"]["maxInstances"] == 4
 
     st = obj["status"]
@@ -145,19 +106,11 @@ async def test_env_wiped_by_full_template_update_is_restored_foreign_survives(
     ready_orchestrator: Orch,
 ) -> None:
     orch = ready_orchestrator
-    await full_template_update_without_env(orch.emulator.grpc_endpoint, orch.service)
-    assert "MODE" not in orch.state()["env"]
-
-    obj = orch.wait("True", extra=lambda o: o["status"]["drift"]["count"] >= 1)
-    assert orch.state()["env"] == {
-        "OTHER": "1",
-        "FOREIGN": "keep-me",
-        "GCP_PROJECT_ID": PROJECT,
-        "MODE": MODE_VALUE,
-    }
-    drift = obj["status"]["drift"]
-    assert set(drift["last"]) == {"env GCP_PROJECT_ID missing", "env MODE missing"}
-    assert drift["lastRepairedTime"] and drift["lastDetectedTime"]
+    await drift.wipe_env(orch.emulator.grpc_endpoint, orch.service)
+    obj = drift.assert_env_restored(orch)
+    record = obj["status"]["drift"]
+    assert set(record["last"]) == {"env GCP_PROJECT_ID missing", "env MODE missing"}
+    assert record["lastRepairedTime"] and record["lastDetectedTime"]
     assert orch.has_event("DriftDetected")
     repaired = orch.has_event("DriftRepaired")
     assert repaired and "MODE" in repaired[0]["message"]
@@ -170,17 +123,8 @@ async def test_dropped_invoker_is_restored_foreign_member_and_other_role_survive
     ready_orchestrator: Orch,
 ) -> None:
     orch = ready_orchestrator
-    await drop_member_with_set_iam_policy(orch.emulator.grpc_endpoint, orch.service, MEMBER)
-    assert MEMBER not in orch.state()["iam"][ROLE]
-
-    wait_for(
-        lambda: MEMBER in orch.state()["iam"][ROLE],
-        REPAIR_DEADLINE,
-        message="invoker restored",
-    )
-    state = orch.state()
-    assert FOREIGN in state["iam"][ROLE]
-    assert state["iam"][OTHER_ROLE] == [FOREIGN]
+    await drift.drop_member(orch.emulator.grpc_endpoint, orch.service, MEMBER)
+    drift.assert_invoker_restored(orch, MEMBER)
     obj = orch.wait("True", extra=lambda o: o["status"]["drift"]["count"] >= 1)
     assert obj["status"]["drift"]["last"] == [f"invoker {MEMBER} missing"]
 
@@ -228,17 +172,11 @@ def test_observe_mode_makes_no_write_calls(
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     orch = own_service(crds, namespace, fresh_emulator, "observed")
     fresh_emulator.admin.reset_calls()
-    with ControllerProcess(
-        kubeconfig=kubeconfig,
-        gcp_endpoint=fresh_emulator.grpc_endpoint,
-        namespaces=[namespace],
-        log_path=tmp_path / "c.log",
-    ):
+    with own_controller():
         orch.apply(policy={"mode": "Observe"})
         orch.wait("False", reason="DriftDetected")
         wait_for(
@@ -319,16 +257,11 @@ def test_no_drift_checks_cost_one_get_each_and_metrics_show_it(
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     orch = own_service(crds, namespace, fresh_emulator, "steady")
     port = free_port()
-    with ControllerProcess(
-        kubeconfig=kubeconfig,
-        gcp_endpoint=fresh_emulator.grpc_endpoint,
-        namespaces=[namespace],
-        log_path=tmp_path / "c.log",
+    with own_controller(
         metrics_port=port,
         status_heartbeat=0,  # counts checks by lastSyncTime
     ) as proc:
@@ -369,19 +302,13 @@ def test_api_errors_become_conditions_and_recover(
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     admin = fresh_emulator.admin
     admin.put_service_account(SA)
     admin.put_service(PROJECT, REGION, "flaky", env={})
     orch = Orch(crds, namespace, fresh_emulator, "flaky")
-    with ControllerProcess(
-        kubeconfig=kubeconfig,
-        gcp_endpoint=fresh_emulator.grpc_endpoint,
-        namespaces=[namespace],
-        log_path=tmp_path / "c.log",
-    ) as proc:
+    with own_controller() as proc:
         orch.apply()
         orch.wait("True")
 

@@ -5,24 +5,26 @@ emulator's `--rest-port` (v2 services, getIamPolicy/setIamPolicy, operations, an
 The emulator counts a REST call under the same method name as its gRPC twin (the REST surface's
 route table), so the API economy is asserted exactly as for gRPC: a steady check is one
 GetService and one GetIamPolicy. The drift here is made over REST too, with the same adapter
-(`make_clients(url, "rest")`), so that its UpdateService operation and SetIamPolicy are used the
-way a REST user of the google clients uses them.
+(tests/fixtures/drift.py on `make_clients(url, "rest")`), so that its UpdateService operation
+and SetIamPolicy are used the way a REST user of the google clients uses them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import run_v2
-from google.iam.v1 import iam_policy_pb2, options_pb2
+from google.iam.v1 import iam_policy_pb2
 
 from cloudrun_emulator.testing import EmulatorProcess
 from controller.gcp.clients import make_clients
 from controller.gcp.gateway import Gateway
+from tests.fixtures import drift
 from tests.fixtures.controller import ControllerProcess
+from tests.fixtures.drift import resource
 from tests.fixtures.k8s import ControlPlane
 from tests.fixtures.orch import (
     FOREIGN,
@@ -31,10 +33,10 @@ from tests.fixtures.orch import (
     OTHER_ROLE,
     PROJECT,
     REGION,
-    REPAIR_DEADLINE,
     ROLE,
     SA,
     Orch,
+    deploy_service,
 )
 from tests.fixtures.wait import wait_for
 
@@ -45,78 +47,25 @@ GET_SA = "google.iam.admin.v1.IAM/GetServiceAccount"
 REST = [{"rest_port": 0}]
 
 
-def resource(service: str) -> str:
-    return f"projects/{PROJECT}/locations/{REGION}/services/{service}"
-
-
-async def wipe_env_over_rest(url: str, service: str) -> None:
-    """A full-template update over REST that leaves only someone else's variables."""
-    async with make_clients(url, "rest") as clients:
-        svc: Any = await clients.run.get_service(
-            request=run_v2.GetServiceRequest(name=resource(service)), retry=None, timeout=10
-        )
-        container = svc.template.containers[0]
-        del container.env[:]
-        container.env.append(run_v2.EnvVar(name="OTHER", value="1"))
-        container.env.append(run_v2.EnvVar(name="FOREIGN", value="keep-me"))
-        op = await clients.run.update_service(
-            request=run_v2.UpdateServiceRequest(service=svc), retry=None, timeout=10
-        )
-        await op.result(timeout=30)
-
-
-async def drop_member_over_rest(url: str, service: str, member: str) -> None:
-    async with make_clients(url, "rest") as clients:
-        policy: Any = await clients.run.get_iam_policy(
-            request=iam_policy_pb2.GetIamPolicyRequest(
-                resource=resource(service),
-                options=options_pb2.GetPolicyOptions(requested_policy_version=3),
-            ),
-            retry=None,
-            timeout=10,
-        )
-        for binding in policy.bindings:
-            if binding.role == ROLE and member in binding.members:
-                binding.members.remove(member)
-        await clients.run.set_iam_policy(
-            request=iam_policy_pb2.SetIamPolicyRequest(resource=resource(service), policy=policy),
-            retry=None,
-            timeout=10,
-        )
-
-
 @pytest.mark.parametrize("fresh_emulator", REST, indirect=True)
 async def test_controller_over_rest_reaches_ready_repairs_drift_and_reads_twice_per_check(
     crds: ControlPlane,
     namespace: str,
     fresh_emulator: EmulatorProcess,
-    kubeconfig: str,
-    tmp_path: Path,
+    own_controller: Callable[..., ControllerProcess],
 ) -> None:
     emu = fresh_emulator
-    emu.admin.put_service_account(SA)
-    emu.admin.put_service(
-        PROJECT,
-        REGION,
-        "rest",
-        env={"FOREIGN": "keep-me"},
-        invokers={ROLE: [FOREIGN], OTHER_ROLE: [FOREIGN]},
-    )
-    orch = Orch(crds, namespace, emu, "rest")
-    with ControllerProcess(
-        kubeconfig=kubeconfig,
+    orch = Orch(crds, namespace, emu, deploy_service(emu, "rest"))
+    with own_controller(
+        "controller.log",
         gcp_endpoint=emu.rest_url,  # no gRPC endpoint at all: every call is REST
-        namespaces=[namespace],
-        log_path=tmp_path / "controller.log",
         extra_args=["--gcp-transport", "rest"],
     ) as proc:
         orch.controller = proc
         emu.admin.reset_calls()
         orch.apply()
         orch.wait("True", timeout=60)
-        state = orch.state()
-        assert state["env"] == {"FOREIGN": "keep-me", "GCP_PROJECT_ID": PROJECT, "MODE": MODE_VALUE}
-        assert sorted(state["iam"][ROLE]) == sorted([FOREIGN, MEMBER])
+        drift.assert_spec_held(orch.state())
         first = emu.admin.calls()
         # The first sync went through every REST route the controller uses: the service account
         # check (IAM admin v1), the reads, the write, the operation and the invoker grant.
@@ -138,27 +87,12 @@ async def test_controller_over_rest_reaches_ready_repairs_drift_and_reads_twice_
         assert abs(calls[f"{RUN}GetService"] - calls[f"{RUN}GetIamPolicy"]) <= 1, calls
 
         # Env drift, made over REST: repaired, someone else's variables kept.
-        await wipe_env_over_rest(emu.rest_url, orch.service)
-        assert "MODE" not in orch.state()["env"]
-        orch.wait("True", extra=lambda o: o["status"]["drift"]["count"] >= 1)
-        assert orch.state()["env"] == {
-            "OTHER": "1",
-            "FOREIGN": "keep-me",
-            "GCP_PROJECT_ID": PROJECT,
-            "MODE": MODE_VALUE,
-        }
+        await drift.wipe_env(emu.rest_url, orch.service, "rest")
+        drift.assert_env_restored(orch)
 
         # Invoker drift, made over REST: restored, the foreign member and other role kept.
-        await drop_member_over_rest(emu.rest_url, orch.service, MEMBER)
-        assert MEMBER not in orch.state()["iam"][ROLE]
-        wait_for(
-            lambda: MEMBER in orch.state()["iam"][ROLE],
-            REPAIR_DEADLINE,
-            message="invoker restored over REST",
-        )
-        state = orch.state()
-        assert FOREIGN in state["iam"][ROLE]
-        assert state["iam"][OTHER_ROLE] == [FOREIGN]
+        await drift.drop_member(emu.rest_url, orch.service, MEMBER, "rest")
+        drift.assert_invoker_restored(orch, MEMBER, "invoker restored over REST")
 
         started = [line for line in proc.log_lines() if line.get("event") == "started"]
         assert started and started[0].get("gcp_transport") == "rest", started
