@@ -20,6 +20,7 @@ from controller.domain.spec import parse
 from controller.gcp.clients import make_clients
 from controller.gcp.gateway import Gateway
 from controller.reconcile import reconcile, revoke
+from tests.fixtures.orch import deploy_service
 from tests.fixtures.wait import wait_until
 
 PROJECT = "runwarden-test"
@@ -78,16 +79,7 @@ async def converge(gw: Gateway, desired: Desired) -> tuple[StatusUpdate, Managed
 
 @pytest.fixture
 def service(emulator: EmulatorProcess, unique_name: Callable[[str], str]) -> str:
-    name = unique_name("rec")
-    emulator.admin.put_service_account(SA)
-    emulator.admin.put_service(
-        PROJECT,
-        REGION,
-        name,
-        env={"FOREIGN": "x"},
-        invokers={"roles/run.invoker": [FOREIGN], OTHER_ROLE: [FOREIGN]},
-    )
-    return name
+    return deploy_service(emulator, unique_name("rec"), project=PROJECT, sa=SA, foreign="x")
 
 
 async def test_first_sync_then_no_drift_costs_one_get_each(
