@@ -212,7 +212,7 @@ class Audit:
 
 
 @pytest.fixture
-def audit(
+def start_audit(
     control_plane: ControlPlane,
     crds: ControlPlane,
     namespace: str,
@@ -220,13 +220,28 @@ def audit(
     pubsub_emulator: PubSubEmulatorProcess,
     audit_topic: str,
     tmp_path: Path,
-) -> Iterator[Audit]:
-    a = Audit(control_plane, namespace, audit_emulator, pubsub_emulator, audit_topic, tmp_path)
-    a.start()
+) -> Iterator[Callable[..., Audit]]:
+    """A factory: ``start_audit(*args)`` starts this test's Audit (its controller with ``args``
+    more), stopped at the end of the test."""
+    started: list[Audit] = []
+
+    def start(*args: str) -> Audit:
+        a = Audit(control_plane, namespace, audit_emulator, pubsub_emulator, audit_topic, tmp_path)
+        a.controller.args.extend(args)
+        a.start()
+        started.append(a)
+        return a
+
     try:
-        yield a
+        yield start
     finally:
-        a.stop()
+        for a in started:
+            a.stop()
+
+
+@pytest.fixture
+def audit(start_audit: Callable[..., Audit]) -> Audit:
+    return start_audit()
 
 
 @pytest.fixture
@@ -395,12 +410,8 @@ def test_a_pipeline_redeploying_every_second_is_a_drift_fight(audit: Audit, serv
 
 def test_entries_for_a_project_no_namespace_may_touch_wake_nothing(
     control_plane: ControlPlane,
-    crds: ControlPlane,
     namespace: str,
-    audit_emulator: EmulatorProcess,
-    pubsub_emulator: PubSubEmulatorProcess,
-    audit_topic: str,
-    tmp_path: Path,
+    start_audit: Callable[..., Audit],
     unique_name: Callable[[str], str],
 ) -> None:
     """Tenancy (--namespace-binding required): the namespace is bound to another project, so its
@@ -409,27 +420,22 @@ def test_entries_for_a_project_no_namespace_may_touch_wake_nothing(
     control_plane.kubectl(
         "annotate", "namespace", namespace, "runwarden.dev/projects=some-other-prj"
     )
-    a = Audit(control_plane, namespace, audit_emulator, pubsub_emulator, audit_topic, tmp_path)
-    a.controller.args.append("--namespace-binding=required")
-    a.start()
-    try:
-        name = unique_name("unb")
-        a.deploy(name, env={"FOREIGN": "keep-me"})
-        a.apply("refused", name)
-        cond = a.wait_ready("refused", "ProjectNotAllowed")
-        assert "runwarden.dev/projects" in cond["message"] and PROJECT in cond["message"]
-        unmatched, matched = a.audit_count("unmatched"), a.audit_count("matched")
-        reads = audit_emulator.admin.calls().get(RUN + "GetService", 0)
-        a.deploy(name, env={"FOREIGN": "changed"})  # someone's write: an audit entry
-        wait_for(
-            lambda: a.audit_count("unmatched") > unmatched,
-            SETTLE,
-            message="the entry received and counted unmatched",
-        )
-        assert a.audit_count("matched") == matched
-        assert not any(line.get("event") == "audit_wake" for line in a.logs())
-        # Nothing read the service (the resync is 300 s; the refusal's backoff is longer).
-        assert audit_emulator.admin.calls().get(RUN + "GetService", 0) == reads
-        assert a.ready("refused")["reason"] == "ProjectNotAllowed"
-    finally:
-        a.stop()
+    a = start_audit("--namespace-binding=required")
+    name = unique_name("unb")
+    a.deploy(name, env={"FOREIGN": "keep-me"})
+    a.apply("refused", name)
+    cond = a.wait_ready("refused", "ProjectNotAllowed")
+    assert "runwarden.dev/projects" in cond["message"] and PROJECT in cond["message"]
+    unmatched, matched = a.audit_count("unmatched"), a.audit_count("matched")
+    reads = a.emu.admin.calls().get(RUN + "GetService", 0)
+    a.deploy(name, env={"FOREIGN": "changed"})  # someone's write: an audit entry
+    wait_for(
+        lambda: a.audit_count("unmatched") > unmatched,
+        SETTLE,
+        message="the entry received and counted unmatched",
+    )
+    assert a.audit_count("matched") == matched
+    assert not any(line.get("event") == "audit_wake" for line in a.logs())
+    # Nothing read the service (the resync is 300 s; the refusal's backoff is longer).
+    assert a.emu.admin.calls().get(RUN + "GetService", 0) == reads
+    assert a.ready("refused")["reason"] == "ProjectNotAllowed"
