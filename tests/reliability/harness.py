@@ -666,12 +666,16 @@ class Rig:
         self.converged(targets, timeout)
         return proc
 
+    def start_replicas(self, **controller: Any) -> Replicas:
+        """The controller, run as the scenario's ``replicas`` (see Replicas), started."""
+        return Replicas(self, self.replicas, **controller).start()
+
     def synced_replicas(
         self, targets: Sequence[Target], timeout: float = 30, **controller: Any
     ) -> Replicas:
         """``synced`` with the controller run as the scenario's ``replicas`` (see Replicas)."""
         self.deploy(targets)
-        group = Replicas(self, self.replicas, **controller).start()
+        group = self.start_replicas(**controller)
         self.apply(targets)
         self.converged(targets, timeout)
         return group
