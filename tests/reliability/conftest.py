@@ -82,7 +82,12 @@ def start_controller(
     started: list[ControllerProcess] = []
 
     def start(
-        emulator: EmulatorProcess, *, resync: float | None = 2, metrics: bool = False, **kw: Any
+        emulator: EmulatorProcess,
+        *,
+        resync: float | None = 2,
+        metrics: bool = False,
+        wait: bool = True,
+        **kw: Any,
     ) -> ControllerProcess:
         port = free_port() if metrics else None
         # These tests read lastSyncTime as "a check completed since": refresh it every check.
@@ -99,13 +104,20 @@ def start_controller(
         proc.metrics_port = port  # type: ignore[attr-defined]
         canary.watch_log(proc.log_path)
         started.append(proc)
-        return proc.start()
+        return proc.start(wait=wait)  # wait=False: a leader election standby never "starts"
 
     yield start
     for proc in started:
         proc.stop()
         if os.environ.get("RUNWARDEN_SHOW_CONTROLLER_LOG"):
             print(proc.tail(200))
+
+
+@pytest.fixture
+def replicas() -> int:
+    """How the scenario runs the controller (harness.Replicas): 1 process without leader
+    election, unless a test parametrizes ``replicas`` (2: two replicas with leader election)."""
+    return 1
 
 
 @pytest.fixture
@@ -116,10 +128,18 @@ def rig(
     canary: CanaryCollector,
     figures: Callable[[str, str, str], None],
     start_controller: Callable[..., ControllerProcess],
+    replicas: int,
 ) -> Rig:
     """The scenario's prologue in one: see harness.Rig. Emulator options by indirect
-    parametrization of ``fresh_emulator``, as before."""
-    return Rig(crds, ns, fresh_emulator, canary, figures, start_controller)
+    parametrization of ``fresh_emulator``, as before; the controller's replicas by
+    parametrizing ``replicas`` (its rows in the figures table say so)."""
+    record = figures
+    if replicas > 1:
+
+        def record(scenario: str, counts: str, result: str) -> None:
+            figures(f"{scenario}, {replicas} replicas + leader election", counts, result)
+
+    return Rig(crds, ns, fresh_emulator, canary, record, start_controller, replicas)
 
 
 # ---------------------------------------------------------------------- hooks

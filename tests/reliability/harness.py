@@ -431,6 +431,187 @@ def asleep_on_quota(controller: Any, names: set[str], at_least: float) -> set[st
     }
 
 
+# ---------------------------------------------------------------------- the controller replicas
+
+LEASE = "runwarden"  # --leader-election-name's default
+SINGLE = "controller"  # the one replica's name when there is no leader election
+# Without --own-principal the controller's writes reach the emulator under its default caller.
+EMULATOR_DEFAULT_PRINCIPAL = "runwarden@example.com"
+REPLICA_DEADLINE = 60  # a busy 2-core machine: starting up, standing by, taking over
+
+
+class Replicas:
+    """The controller as a scenario runs it: one process without leader election (as the suite
+    always ran it), or two ``python -m controller`` replicas with ``--leader-election`` and
+    distinct identities, as manifests/controller/deployment.yaml runs them (its pod name is the
+    identity; here ``replica-a`` and ``replica-b``, the Lease in the test's namespace). Each
+    replica names itself on its Google writes (``--own-principal <identity>@example.com``, sent as
+    the emulator's x-emulator-principal), so the emulator counts every UpdateService and
+    SetIamPolicy per replica. Restarting a replica plays the kubelet restarting its container:
+    same identity, log appended."""
+
+    def __init__(self, rig: Rig, count: int, **options: Any) -> None:
+        if count not in (1, 2):
+            raise ValueError(f"replicas: 1 or 2, not {count}")
+        self.rig = rig
+        self.count = count
+        self.options = options
+        self.procs: dict[str, ControllerProcess] = {}
+        self._marks: dict[str, int] = {}  # identity -> its log's line count at its last start
+
+    @property
+    def elected(self) -> bool:
+        return self.count > 1
+
+    def start(self) -> Replicas:
+        """Start the replica(s): with leader election, ``replica-a`` first (it takes the Lease),
+        then ``replica-b``, which stands by."""
+        if not self.elected:
+            self._launch(SINGLE, wait=True)
+            return self
+        self._launch("replica-a", wait=True)  # "started" is logged once it holds the Lease
+        self._launch("replica-b", wait=False)
+        self.wait_standing_by(self.procs["replica-b"])
+        return self
+
+    def _launch(self, identity: str, *, wait: bool) -> ControllerProcess:
+        extra: list[str] = list(self.options.get("extra_args", ()))
+        if self.elected:
+            extra += [
+                "--leader-election",
+                f"--leader-election-namespace={self.rig.ns}",
+                f"--leader-election-identity={identity}",
+                f"--own-principal={self.principal(identity)}",
+            ]
+        options = {**self.options, "extra_args": extra}
+        proc = self.rig.start_controller(self.rig.emulator, wait=wait, **options)
+        self.procs[identity] = proc
+        self._marks[identity] = 0
+        return proc
+
+    # ------------------------------------------------------------------ who is who
+
+    def identity(self, proc: ControllerProcess) -> str:
+        return next(i for i, p in self.procs.items() if p is proc)
+
+    def principal(self, identity: str) -> str:
+        return f"{identity}@example.com" if self.elected else EMULATOR_DEFAULT_PRINCIPAL
+
+    def holder(self) -> str:
+        """The Lease's holderIdentity ("" when free; always "" without leader election)."""
+        if not self.elected:
+            return ""
+        done = self.rig.plane.kubectl(
+            "get", "lease", LEASE, "-n", self.rig.ns, "-o", "json", check=False, timeout=30
+        )
+        if done.returncode != 0:
+            return ""
+        return str(json.loads(done.stdout)["spec"].get("holderIdentity") or "")
+
+    def leader(self) -> ControllerProcess:
+        """The replica that reconciles: the Lease holder, running (the only one without leader
+        election)."""
+        if not self.elected:
+            return self.procs[SINGLE]
+        holder = self.holder()
+        proc = self.procs.get(holder)
+        if proc is None or not proc.running:
+            raise AssertionError(f"no running leader: the Lease names {holder!r}")
+        return proc
+
+    def other(self, proc: ControllerProcess) -> ControllerProcess:
+        """The other replica (leader election only)."""
+        return next(p for p in self.procs.values() if p is not proc)
+
+    def standby(self) -> ControllerProcess:
+        return self.other(self.leader())
+
+    def lines(self, proc: ControllerProcess, event: str) -> list[dict[str, Any]]:
+        """``proc``'s log lines of ``event`` since its last start."""
+        since = self._marks[self.identity(proc)]
+        return [line for line in proc.log_lines()[since:] if line.get("event") == event]
+
+    def starts(self) -> int:
+        """ "started" lines in all the replicas' logs: one per term as the reconciling leader."""
+        lines = (line for p in self.procs.values() for line in p.log_lines())
+        return sum(1 for line in lines if line.get("event") == "started")
+
+    # ------------------------------------------------------------------ kills and restarts
+
+    def kill(self, proc: ControllerProcess) -> None:
+        """SIGKILL (a crash)."""
+        proc.kill()
+
+    def restart(self, proc: ControllerProcess) -> None:
+        """Start ``proc`` again, as the kubelet restarts a crashed container (same identity):
+        without leader election, wait until it has started; with it, until it either leads
+        (started) or stands by."""
+        self._marks[self.identity(proc)] = len(proc.log_lines())
+        if not self.elected:
+            proc.start()
+            return
+        proc.start(wait=False)
+        wait_for(
+            lambda: self.lines(proc, "started") or self.lines(proc, "standby"),
+            REPLICA_DEADLINE,
+            message=f"{self.identity(proc)} restarted: leading or standing by",
+        )
+
+    def wait_standing_by(self, proc: ControllerProcess) -> None:
+        wait_for(
+            lambda: self.lines(proc, "standby"),
+            REPLICA_DEADLINE,
+            message=f"{self.identity(proc)} standing by\n{proc.tail()}",
+        )
+
+    def wait_leads(self, proc: ControllerProcess, timeout: float = REPLICA_DEADLINE) -> None:
+        """Until ``proc`` holds the Lease and has started reconciling."""
+        identity = self.identity(proc)
+        wait_for(
+            lambda: self.lines(proc, "started") and self.holder() == identity,
+            timeout,
+            interval=0.1,
+            message=f"{identity} takes the Lease and starts\n{proc.tail()}",
+        )
+
+    # ------------------------------------------------------------------ writes per replica
+
+    def writes(self) -> dict[str, dict[str, int]]:
+        """Google write calls per replica, per method (the emulator's counts by principal;
+        refused calls included)."""
+        by_principal = self.rig.admin.calls_by_principal()
+        return {
+            identity: {
+                m: n
+                for m, n in by_principal.get(self.principal(identity), {}).items()
+                if m in WRITE_METHODS
+            }
+            for identity in self.procs
+        }
+
+
+def writes_since(
+    after: Mapping[str, Mapping[str, int]], before: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Per replica, the write calls between two ``Replicas.writes`` snapshots (replicas that
+    wrote nothing left out)."""
+    out = {r: delta(after[r], before.get(r, {})) for r in after}
+    return {r: calls for r, calls in out.items() if calls}
+
+
+def double_writes(wrote: Mapping[str, Mapping[str, int]], needed: int) -> list[str]:
+    """The ways ``wrote`` (``writes_since`` of one drift round) is not exactly one UpdateService
+    and one SetIamPolicy per drifted service (``needed``): a repair made twice, by two replicas
+    or by one, or not made."""
+    out: list[str] = []
+    for method in (f"{RUN}UpdateService", f"{RUN}SetIamPolicy"):
+        total = sum(calls.get(method, 0) for calls in wrote.values())
+        if total != needed:
+            who = {r: calls.get(method, 0) for r, calls in wrote.items()}
+            out.append(f"{method.rsplit('/', 1)[1]}: {total} calls for {needed} drifts {who}")
+    return out
+
+
 # ---------------------------------------------------------------------- one scenario's rig
 
 
@@ -448,6 +629,7 @@ class Rig:
     canary: CanaryCollector
     figures: Callable[[str, str, str], None]
     start_controller: Callable[..., ControllerProcess]
+    replicas: int = 1  # the ``replicas`` fixture: 2 = two replicas with leader election
 
     @property
     def admin(self) -> AdminClient:
@@ -483,6 +665,20 @@ class Rig:
         self.apply(targets)
         self.converged(targets, timeout)
         return proc
+
+    def start_replicas(self, **controller: Any) -> Replicas:
+        """The controller, run as the scenario's ``replicas`` (see Replicas), started."""
+        return Replicas(self, self.replicas, **controller).start()
+
+    def synced_replicas(
+        self, targets: Sequence[Target], timeout: float = 30, **controller: Any
+    ) -> Replicas:
+        """``synced`` with the controller run as the scenario's ``replicas`` (see Replicas)."""
+        self.deploy(targets)
+        group = self.start_replicas(**controller)
+        self.apply(targets)
+        self.converged(targets, timeout)
+        return group
 
     def orchestrators(self) -> dict[str, dict[str, Any]]:
         return orchestrators(self.plane, self.ns)

@@ -27,6 +27,7 @@ from tests.reliability.harness import (
     utc_stamp,
     violations,
     writes,
+    writes_since,
 )
 
 ORCHESTRATORS = scaled(5, 20)
@@ -43,23 +44,37 @@ MAX_WRITES_PER_REPAIR = 2 * 3
 
 
 @pytest.mark.timeout((ROUNDS + 2) * DEADLINE + 120)
-@pytest.mark.parametrize("codes", [CODES, TRANSIENT], ids=["issue-mix", "transient-only"])
+@pytest.mark.parametrize(
+    ("codes", "replicas"),
+    [
+        pytest.param(CODES, 1, id="issue-mix"),
+        pytest.param(TRANSIENT, 1, id="transient-only"),
+        pytest.param(CODES, 2, id="issue-mix-2-replicas"),
+    ],
+)
 @pytest.mark.parametrize("fresh_emulator", [{"rollout_ms": 50, "random_seed": 30}], indirect=True)
 def test_converges_through_30_percent_faults(codes: list[str], rig: Rig) -> None:
     """Each phase (first sync, each drift round, the end of the faults) must converge within
     DEADLINE. A timeout fails the test; when the laggards were waiting on a quota backoff
     escalated by earlier non-quota failures (pinned deterministically below), the failure says
-    so."""
+    so.
+
+    With 2 replicas and leader election: Google's errors never move the Lease (the standby
+    writes nothing while the leader fails and retries), except in the last round, where the
+    leader is SIGKILLed right after its first repair write: the standby takes over and finishes
+    the repairs under the same faults, and the old leader comes back as the standby. Nothing is
+    lost, and the write calls per repair, both replicas' together, stay under the same line."""
     admin = rig.admin
     targets = rig.targets(ORCHESTRATORS, "flt")
     rig.deploy(targets)
     admin.set_faults(rate=RATE, codes=codes)
-    controller = rig.start_controller(rig.emulator)
+    group = rig.start_replicas()
     counts = f"{ORCHESTRATORS} Orchestrators x {ROUNDS} drift rounds"
     scenario = f"Faults: 30 % of calls fail {' / '.join(codes)}"
 
     def phase(name: str, **kw: Any) -> tuple[dict[str, dict[str, Any]], float]:
         began = time.monotonic()
+        controller = group.leader()
         mark = len(controller.log_lines())
         try:
             objs = rig.converged(targets, DEADLINE, **kw)
@@ -74,34 +89,68 @@ def test_converges_through_30_percent_faults(codes: list[str], rig: Rig) -> None
     rig.apply(targets)
     _, first_sync = phase("the first sync", together=False)
 
+    first = group.leader()
     before = admin.calls()
+    by_replica = group.writes()
     round_seconds: list[float] = []
+    takeover = 0.0
     for r in range(ROUNDS):
         since = utc_stamp(round_up=True)
+        updates = admin.calls().get(f"{RUN}UpdateService", 0)
         # Each deploy's own result shows the drift (reading it back later would race the repair).
         left = [violations(knock_out(admin, t, rig.canary, r), t) for t in targets]
         assert all(left), "the drift did not land"
+        if group.elected and r == ROUNDS - 1:
+            leader = group.leader()
+            standby = group.identity(group.other(leader))
+            # Not one write by the standby since it started: the first sync, the rounds so far.
+            assert not group.writes()[standby], group.writes()
+            assert leader is first, "the Lease moved without the leader's death"
+            wait_for(
+                lambda seen=updates: admin.calls().get(f"{RUN}UpdateService", 0) > seen,
+                DEADLINE,
+                interval=0.02,
+                message="the leader's first repair write",
+            )
+            group.kill(leader)
+            killed = time.monotonic()
+            group.wait_leads(group.other(leader), DEADLINE)
+            takeover = time.monotonic() - killed
+            group.restart(leader)
+            assert group.lines(leader, "standby") and not group.lines(leader, "started")
+            restarted = group.writes()[group.identity(leader)]
         round_seconds.append(phase(f"drift round {r + 1}", since=since, together=False)[1])
     calls = delta(admin.calls(), before)
+    wrote = writes_since(group.writes(), by_replica)
 
     admin.clear_faults()
     objs, settle = phase("all Ready after the faults")
-    assert controller.running, controller.tail()
+    assert group.leader().running, group.leader().tail()
 
     repairs = ROUNDS * ORCHESTRATORS
     per_repair = writes(calls) / repairs
     counted = sum(o["status"]["drift"]["count"] for o in objs.values())
     reasons = event_counts(rig.events())
-    rig.figures(
-        scenario,
-        counts,
+    result = (
         f"first sync {first_sync:.0f} s; each round converged in ≤ {max(round_seconds):.0f} s; "
         f"{per_repair:.1f} write calls per repair (minimum 2), "
         f"{reads(calls) / repairs:.1f} reads per repair; "
         f"{counted} repairs counted in status; all Ready {settle:.0f} s after the faults "
-        f"stopped; Events {dict(reasons)}",
+        f"stopped; Events {dict(reasons)}"
     )
+    if group.elected:
+        split = {r: writes(w) for r, w in wrote.items()}
+        result = (
+            f"the standby wrote nothing through {ROUNDS - 1} rounds of faults; the leader "
+            f"killed in the last one, the standby took over in {takeover:.0f} s and finished "
+            f"the repairs; write calls by replica {split}; {result}"
+        )
+    rig.figures(scenario, counts, result)
     assert per_repair <= MAX_WRITES_PER_REPAIR, calls
+    if group.elected:
+        # One leader change (the kill), and the old leader, back as the standby, wrote nothing.
+        assert group.starts() == 2, "the Lease moved without the leader's death"
+        assert group.writes()[group.identity(first)] == restarted, group.writes()
 
 
 def escalated_quota_backoffs(
