@@ -77,9 +77,16 @@ def test_sigkill_at_random_moments_then_converges_without_event_storm(rig: Rig) 
             group.kill(victim)
             mid_write += victim is leader and any(rig.state(t)["reconciling"] for t in targets)
         else:
-            # A random moment within ~1.5 resync periods of the drift: kills spaced at random on
-            # purpose, so this is a sleep and not a wait for a condition.
-            time.sleep(rng.uniform(0.0, 3.0))
+            # A random point of the repair: after a random number (0 to 6) of Google calls since
+            # the drift, so the kill lands before the check, amid its reads or after its writes.
+            calls = sum(admin.calls().values())
+            more = rng.randint(0, 6)
+            wait_for(
+                lambda seen=calls, n=more: sum(admin.calls().values()) >= seen + n,
+                30,
+                interval=0.02,
+                message=f"{more} more Google calls before the kill",
+            )
             group.kill(victim)
         began = time.monotonic()
         if not group.elected:
