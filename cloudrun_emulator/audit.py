@@ -84,8 +84,8 @@ def _v1_service(event: AuditEvent) -> dict[str, Any]:
         "spec": {"template": {"spec": {"containers": containers}}},
         "status": {
             "observedGeneration": svc.observed_generation,
-            "latestCreatedRevisionName": svc.latest_created_revision,
-            "latestReadyRevisionName": svc.latest_ready_revision,
+            "latestCreatedRevisionName": svc.latest_created_revision.rsplit("/", 1)[-1],
+            "latestReadyRevisionName": svc.latest_ready_revision.rsplit("/", 1)[-1],
             "url": svc.uri,
         },
     }
@@ -102,7 +102,7 @@ def log_entry(event: AuditEvent) -> dict[str, Any]:
     else:
         resource_name = key.name
         response = _message_json(event.response)
-    revision = getattr(event.response, "latest_created_revision", "") or ""
+    revision = (getattr(event.response, "latest_created_revision", "") or "").rsplit("/", 1)[-1]
     now = _timestamp()
     payload: dict[str, Any] = {
         "@type": "type.googleapis.com/google.cloud.audit.AuditLog",

@@ -180,15 +180,18 @@ def template_v1(t: Any, client: str = "", client_version: str = "") -> dict[str,
     return {"metadata": metadata, "spec": spec}
 
 
-def _traffic_v1(targets: Any, status: bool) -> list[dict[str, Any]]:
+def _traffic_v1(targets: Any, status: bool, latest_ready: str = "") -> list[dict[str, Any]]:
+    """v1 traffic; in `status`, a LATEST entry names the revision it resolved to (Knative's
+    Route status does; v2 traffic_statuses leave it to latest_ready_revision)."""
     out = []
     for t in targets:
         item: dict[str, Any] = {"percent": t.percent}
         if t.type_ == LATEST and not status:
             item["latestRevision"] = True
         else:
-            if t.revision:
-                item["revisionName"] = t.revision
+            revision = t.revision or (latest_ready if t.type_ == LATEST else "")
+            if revision:
+                item["revisionName"] = revision
             if t.type_ == LATEST:
                 item["latestRevision"] = True
         if t.tag:
@@ -220,12 +223,16 @@ def service_v1(entry: ServiceEntry, numbers: bool = True) -> dict[str, Any]:
         "conditions": conditions,
         "url": svc.uri,
         "address": {"url": svc.uri},
-        "traffic": _traffic_v1(svc.traffic_statuses, status=True),
+        "traffic": _traffic_v1(
+            svc.traffic_statuses,
+            status=True,
+            latest_ready=names.short_revision(svc.latest_ready_revision),
+        ),
     }
     if svc.latest_created_revision:
-        status["latestCreatedRevisionName"] = svc.latest_created_revision
+        status["latestCreatedRevisionName"] = names.short_revision(svc.latest_created_revision)
     if svc.latest_ready_revision:
-        status["latestReadyRevisionName"] = svc.latest_ready_revision
+        status["latestReadyRevisionName"] = names.short_revision(svc.latest_ready_revision)
     return {
         "apiVersion": API_VERSION,
         "kind": "Service",

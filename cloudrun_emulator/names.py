@@ -58,6 +58,19 @@ class ServiceKey:
     def parent(self) -> str:
         return f"projects/{self.project}/locations/{self.region}"
 
+    def revision_name(self, revision: str) -> str:
+        """A revision's full resource name, as Service.latest_ready_revision and
+        latest_created_revision carry it (a `run.googleapis.com/Revision` reference in
+        google/cloud/run/v2/service.proto; Config Connector's recording of real traffic,
+        runservicebasic/_vcr_cassettes/tf.yaml: `projects/P/locations/R/services/S/revisions/
+        S-00001-vqh`)."""
+        return f"{self.name}/revisions/{revision}"
+
+
+def short_revision(name: str) -> str:
+    """`projects/…/revisions/S-00001-abc` (or already `S-00001-abc`) -> `S-00001-abc`."""
+    return name.rsplit("/", 1)[-1]
+
 
 def parse_service_name(name: str, field: str = "name") -> ServiceKey:
     """Parse `projects/P/locations/R/services/S`; INVALID_ARGUMENT when malformed."""

@@ -19,7 +19,7 @@ from .records import ConditionPb, OperationEntry, Revision, Rollout, ServiceEntr
 
 SUCCEEDED = ConditionPb.CONDITION_SUCCEEDED
 FAILED = ConditionPb.CONDITION_FAILED
-RECONCILING = ConditionPb.CONDITION_RECONCILING
+PENDING = ConditionPb.CONDITION_PENDING
 
 
 class Revisions:
@@ -60,7 +60,7 @@ class Revisions:
         svc = entry.service
         revision = requested or self.new_name(entry.key.service, svc.generation)
         entry.revisions[revision] = Revision(revision, svc.generation, template)
-        svc.latest_created_revision = revision
+        svc.latest_created_revision = entry.key.revision_name(revision)
         fail = False
         if not immediate and self.fail_next_revision:
             fail = True
@@ -111,7 +111,7 @@ class Revisions:
         else:
             if rev is not None:
                 rev.ready = True
-            svc.latest_ready_revision = revision
+            svc.latest_ready_revision = entry.key.revision_name(revision)
             svc.terminal_condition.CopyFrom(
                 ConditionPb(type_="Ready", state=SUCCEEDED, last_transition_time=now())
             )
@@ -124,17 +124,19 @@ class Revisions:
 
     def _start_rollout(self, entry: ServiceEntry, rollout: Rollout) -> None:
         svc = entry.service
-        revision = rollout.revision
         svc.reconciling = True
-        svc.terminal_condition.CopyFrom(
-            ConditionPb(
-                type_="Ready",
-                state=RECONCILING,
-                message=f"Deploying revision '{revision}'.",
-                last_transition_time=now(),
-                reason=ConditionPb.WAITING_FOR_OPERATION,
-            )
-        )
+        # While a rollout is under way real Cloud Run reports the terminal condition
+        # CONDITION_PENDING, keeping the previous transition time, and `reconciling: true`
+        # (Config Connector's recording of real traffic, runservicebasic/_vcr_cassettes/tf.yaml:
+        # the PATCH's operation metadata has `"terminalCondition": {"type": "Ready", "state":
+        # "CONDITION_PENDING", ...}`, `"observedGeneration": "1"` with `"generation": "2"`).
+        previous = svc.terminal_condition.last_transition_time
+        pending = ConditionPb(type_="Ready", state=PENDING)
+        if previous.seconds or previous.nanos:
+            pending.last_transition_time.CopyFrom(previous)
+        else:
+            pending.last_transition_time.CopyFrom(now())
+        svc.terminal_condition.CopyFrom(pending)
         loop = asyncio.get_running_loop()
         rollout.handle = loop.call_later(self.rollout_ms / 1000, self._rollout_done, entry, rollout)
         entry.pending = rollout

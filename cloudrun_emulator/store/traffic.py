@@ -11,8 +11,12 @@ Grounding (googleapis google/cloud/run/v2/service.proto and traffic_target.proto
   revision"), ``percent``, ``tag`` ("Indicates a string to be part of the URI to exclusively
   reference this target").
 - ``traffic_statuses`` (output only): "Detailed status information for corresponding traffic
-  targets"; one TrafficTargetStatus (type, revision, percent, tag, uri) per target. Public
-  recordings of real services show a LATEST status naming the revision it resolved to.
+  targets"; one TrafficTargetStatus (type, revision, percent, tag, uri) per target. A LATEST
+  status does not name the revision it resolved to: Config Connector's recording of real v2
+  traffic (pkg/test/resourcefixture/testdata/basic/run/v1beta1/runservice/runservicebasic/
+  _vcr_cassettes/tf.yaml) shows `"trafficStatuses": [{"type":
+  "TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST", "percent": 100}]` next to a `latestReadyRevision`;
+  readers resolve it to ``latest_ready_revision`` (the v1 view names it, as Knative does).
 - A new revision serves only through a LATEST target: ``gcloud run deploy --no-traffic`` (and
   canaries, ``update-traffic --to-revisions``) pin REVISION targets, and the new revision gets 0%
   (Cloud Run docs, "Rollbacks, gradual rollouts, and traffic migration").
@@ -79,11 +83,10 @@ def route(svc: Any) -> None:
     host = svc.uri.removeprefix("https://")
     for t in svc.traffic:
         kind = int(t.type_)
-        revision = t.revision if kind == REVISION else svc.latest_ready_revision
-        if not revision:
+        if kind == LATEST and not svc.latest_ready_revision:
             continue  # LATEST before any revision is ready: nothing serves yet
-        status = svc.traffic_statuses.add(
-            type_=kind, revision=revision, percent=t.percent, tag=t.tag
-        )
+        status = svc.traffic_statuses.add(type_=kind, percent=t.percent, tag=t.tag)
+        if kind == REVISION:
+            status.revision = t.revision
         if t.tag and host:
             status.uri = f"https://{t.tag}---{host}"

@@ -152,8 +152,9 @@ def get_service(store: Store, key: names.ServiceKey) -> dict[str, Any]:
         "invokerIamDisabled": bool(svc.invoker_iam_disabled),
         "generation": svc.generation,
         "observedGeneration": svc.observed_generation,
-        "latestReadyRevision": svc.latest_ready_revision,
-        "latestCreatedRevision": svc.latest_created_revision,
+        # short names here (the v2 fields carry full resource names)
+        "latestReadyRevision": names.short_revision(svc.latest_ready_revision),
+        "latestCreatedRevision": names.short_revision(svc.latest_created_revision),
         "revisions": sorted(entry.revisions),
         "reconciling": svc.reconciling,
         "traffic": [_target_json(t) for t in svc.traffic],

@@ -39,7 +39,8 @@ async def test_get_service_shows_what_the_admin_api_deployed(clients, deploy):
     assert got.observed_generation == 1
     assert not got.reconciling
     assert got.terminal_condition.state == run_v2.Condition.State.CONDITION_SUCCEEDED
-    assert REVISION_RE.match(got.latest_ready_revision)["svc"] == svc.service
+    assert REVISION_RE.match(got.latest_ready_revision.rsplit("/", 1)[-1])["svc"] == svc.service
+    assert got.latest_ready_revision.startswith(f"{svc.name}/revisions/")
     assert got.latest_ready_revision == got.latest_created_revision
     assert re.match(rf"^https://{svc.service}-[a-z0-9]{{10}}-wl\.a\.run\.app$", got.uri)
     c = got.template.containers[0]
@@ -100,7 +101,7 @@ async def test_create_service_then_already_exists(clients, unique_name):
     assert created.name.endswith(f"/services/{sid}")
     assert created.generation == 1
     assert env_of(created) == {"K": "v"}
-    assert created.latest_ready_revision.startswith(f"{sid}-00001-")
+    assert created.latest_ready_revision.startswith(f"{created.name}/revisions/{sid}-00001-")
     # Cloud Run's server-side defaults are filled in
     assert created.template.timeout.total_seconds() == 300
     assert created.template.max_instance_request_concurrency == 80
@@ -124,7 +125,7 @@ async def test_update_replaces_the_whole_template_dropping_unsent_env(clients, d
     assert env_of(updated) == {"KEEP": "1b"}
     assert updated.generation == 2
     assert updated.latest_ready_revision != first_revision
-    assert REVISION_RE.match(updated.latest_ready_revision)["n"] == "00002"
+    assert REVISION_RE.match(updated.latest_ready_revision.rsplit("/", 1)[-1])["n"] == "00002"
     assert updated.template.scaling.max_instance_count == 7
     assert svc.get()["env"] == {"KEEP": "1b"}
     assert svc.get()["generation"] == 2
