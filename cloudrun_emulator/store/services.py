@@ -146,6 +146,7 @@ class Services:
                 "service.name must be empty in CreateService; it is composed from parent and "
                 "service_id."
             )
+        _refuse_system_annotations(service)
         key = self.directory.resolve(names.ServiceKey(m["project"], m["region"], service_id))
         _, op, result = self.deploy(
             key,
@@ -372,6 +373,39 @@ class Services:
         if op is not None:
             return op.op
         return self.operations.preview(key, result)
+
+
+# google/cloud/run/v2/service.proto, Service.annotations: "Cloud Run API v2 does not support
+# annotations with `run.googleapis.com`, `cloud.googleapis.com`, `serving.knative.dev`, or
+# `autoscaling.knative.dev` namespaces, and they will be rejected in new resources";
+# RevisionTemplate.annotations (revision_template.proto): "... and they will be rejected".
+# The real refusal, from a v2 CreateService (GoogleCloudPlatform/avocano#238): "Error 400:
+# Violation in CreateServiceRequest.service.template.annotations[autoscaling.knative.dev/
+# maxScale]: system annotations are not supported in Cloud Run API v2." Only CreateService is
+# grounded; an UpdateService of a service that already carries them (v1-created) is accepted.
+SYSTEM_ANNOTATION_NAMESPACES = (
+    "run.googleapis.com",
+    "cloud.googleapis.com",
+    "serving.knative.dev",
+    "autoscaling.knative.dev",
+)
+
+
+def _is_system_annotation(key: str) -> bool:
+    return "/" in key and key.split("/", 1)[0] in SYSTEM_ANNOTATION_NAMESPACES
+
+
+def _refuse_system_annotations(service: Any) -> None:
+    for where, given in (
+        ("service.annotations", service.annotations),
+        ("service.template.annotations", service.template.annotations),
+    ):
+        for key in sorted(given):
+            if _is_system_annotation(key):
+                raise invalid(
+                    f"Violation in CreateServiceRequest.{where}[{key}]: system annotations are "
+                    "not supported in Cloud Run API v2."
+                )
 
 
 def _carry_spec(target: Any, spec: Any) -> None:
