@@ -14,6 +14,11 @@ from ..errors import ApiError, invalid
 from ..events import AuditEvent, AuditSink
 from .directory import Directory
 
+# IAM's answer to a stale etag: 409 ABORTED with this text, as real setIamPolicy calls show it
+# (GoogleCloudPlatform/deploymentmanager-samples#332: {"code":409,"message":"There were
+# concurrent policy changes. Please retry the whole read-modify-write with exponential
+# backoff.","status":"ABORTED"}; openshift/installer pkg/terraform/diagnose_test.go). Those are
+# project policies; no recording of a Cloud Run service's own SetIamPolicy conflict was found.
 CONCURRENT_POLICY_CHANGES = (
     "There were concurrent policy changes. Please retry the whole read-modify-write with "
     "exponential backoff."
