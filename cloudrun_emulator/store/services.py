@@ -282,8 +282,10 @@ class Services:
                 )
             # Revisions are immutable: a template naming an existing revision must be that
             # revision's template. Cloud Run answers 409 ALREADY_EXISTS "Revision named '<rev>'
-            # with different configuration already exists." (googleapis/google-cloud-python
-            # #14259, a v2 UpdateService from the Python client; hashicorp/
+            # with different configuration already exists." (GoogleCloudPlatform/k8s-config-
+            # connector#772, a real v2 UpdateService audit entry with status code 6;
+            # googleapis/google-cloud-python#14259, a v2 UpdateService from the Python client;
+            # firebase/firebase-tools#10148, the v1 409 JSON; hashicorp/
             # terraform-provider-google#14569). RevisionTemplate.revision is optional: "If this
             # field is omitted, it will be automatically generated based on the Service name"
             # (google/cloud/run/v2/revision_template.proto).
