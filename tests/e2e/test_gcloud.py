@@ -94,7 +94,8 @@ async def test_describe_prints_the_service_grpc_serves(
         "S": {"secretKeyRef": {"name": "sek", "key": "latest"}},
     }
     assert got["metadata"]["resourceVersion"] == svc.etag.strip('"')
-    assert got["status"]["latestReadyRevisionName"] == svc.latest_ready_revision
+    # v1 names the revision; v2 gives its full resource name (test_fidelity, KCC_VCR)
+    assert got["status"]["latestReadyRevisionName"] == svc.latest_ready_revision.rsplit("/", 1)[-1]
     conditions = {c["type"]: c["status"] for c in got["status"]["conditions"]}
     assert conditions["Ready"] == "True"
     limits = got["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
