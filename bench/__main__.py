@@ -13,6 +13,11 @@ Sizes and durations come from the environment (defaults in brackets):
   BENCH_QUOTA_N=1000          Orchestrators for quota pacing (0 = skip)
   BENCH_QUOTA_RPM=600         the emulator's read quota (and the controller's read budget)
   BENCH_QUOTA_SECONDS=240     how long to watch the pacing (warm-up: BENCH_QUOTA_WARMUP=60)
+  BENCH_ESTATE_N=10000        the estate (issue 17): this many Orchestrators on one replica,
+                              then on BENCH_ESTATE_SHARDS controllers (0 = skip)
+  BENCH_ESTATE_PROJECTS=20    ... across this many projects (namespace bound to them)
+  BENCH_ESTATE_SHARDS=3       ... shards by --selector, as manifests/shards/ (0 = one replica only)
+  BENCH_ESTATE_RESYNC=120     resync (s) of the estate runs
   BENCH_OUT=bench/results     where latest.md and latest.png go
   BENCH_AUDIT=1               0 skips bench/audit_latency.py (issue 8; 20 events per mode)
 """
@@ -55,6 +60,10 @@ def config_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> Conf
         quota_rpm=int(num("BENCH_QUOTA_RPM", d.quota_rpm)),
         quota_seconds=num("BENCH_QUOTA_SECONDS", d.quota_seconds),
         quota_warmup=num("BENCH_QUOTA_WARMUP", d.quota_warmup),
+        estate_n=int(num("BENCH_ESTATE_N", d.estate_n)),
+        estate_projects=int(num("BENCH_ESTATE_PROJECTS", d.estate_projects)),
+        estate_shards=int(num("BENCH_ESTATE_SHARDS", d.estate_shards)),
+        estate_resync=num("BENCH_ESTATE_RESYNC", d.estate_resync),
     )
 
 

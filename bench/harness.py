@@ -77,17 +77,25 @@ def service_name(prefix: str, i: int) -> str:
     return f"{prefix}-{i:04d}"
 
 
-def orchestrator(name: str, service: str) -> dict[str, Any]:
+def orchestrator(
+    name: str,
+    service: str,
+    project: str = PROJECT,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """A typical Orchestrator: two env vars, one invoker, one setting."""
-    return orchestrator_body(
+    body = orchestrator_body(
         name,
         service,
-        project=PROJECT,
+        project=project,
         region=REGION,
-        env={"GCP_PROJECT_ID": PROJECT, "MODE": "bench"},
+        env={"GCP_PROJECT_ID": project, "MODE": "bench"},
         invokers=[MEMBER],
         settings={"maxInstances": 10},
     )
+    if labels:
+        body["metadata"]["labels"] = dict(labels)
+    return body
 
 
 # Someone else's changes, as admin-API bodies (put_service keyword arguments). The initial state
@@ -109,12 +117,17 @@ DRIFTS: dict[str, dict[str, Any]] = {
 
 
 def put_services(
-    admin: AdminClient, names: Iterable[str], body: Mapping[str, Any], workers: int = 4
+    admin: AdminClient,
+    names: Iterable[str],
+    body: Mapping[str, Any],
+    workers: int = 4,
+    project_of: Callable[[str], str] | None = None,
 ) -> None:
-    """Create or change many services through the admin API (someone else's deploys)."""
+    """Create or change many services through the admin API (someone else's deploys), in
+    PROJECT or, with ``project_of``, in the project it names for each service."""
 
     def put(name: str) -> None:
-        admin.put_service(PROJECT, REGION, name, **body)
+        admin.put_service(project_of(name) if project_of else PROJECT, REGION, name, **body)
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(put, names))
@@ -127,6 +140,26 @@ def apply_orchestrators(plane: ControlPlane, namespace: str, bodies: list[dict[s
         "apply", "--server-side", "--field-manager=bench", "-n", namespace, "-f", "-",
         input=text, timeout=900,
     )  # fmt: skip
+
+
+def apply_orchestrators_parallel(
+    plane: ControlPlane,
+    namespace: str,
+    bodies: list[dict[str, Any]],
+    batch: int = 1000,
+    parallel: int = 4,
+) -> None:
+    """What an operator applying thousands does: batches of ``batch`` documents, ``parallel``
+    `kubectl apply --server-side` processes at a time."""
+    chunks = [bodies[i : i + batch] for i in range(0, len(bodies), batch)]
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        list(pool.map(lambda chunk: apply_orchestrators(plane, namespace, chunk), chunks))
+
+
+def annotate_namespace(plane: ControlPlane, name: str, annotations: Mapping[str, str]) -> None:
+    plane.kubectl(
+        "annotate", "--overwrite", "namespace", name, *(f"{k}={v}" for k, v in annotations.items())
+    )
 
 
 def status_writes(plane: ControlPlane) -> int:
@@ -287,7 +320,10 @@ class Watch:
         self.namespace = namespace
         self.lock = threading.Lock()
         self.ready: dict[str, bool] = {}
+        self._n_ready = 0  # sum(self.ready.values()), kept as events arrive (10,000 objects)
+        self.ready_at: dict[str, float] = {}  # name -> monotonic time it was first seen Ready
         self.drift: dict[str, int] = {}
+        self.modified: dict[str, int] = {}  # MODIFIED events per object (e.g. status writes)
         # (monotonic time, number Ready) each time the number changes
         self.ready_series: list[tuple[float, int]] = [(time.monotonic(), 0)]
         self.repaired_at: dict[str, float] = {}
@@ -341,12 +377,16 @@ class Watch:
         )
         count = int((status.get("drift") or {}).get("count") or 0)
         with self.lock:
-            if event["type"] == "DELETED":
-                self.ready.pop(name, None)
-            else:
+            was = self.ready.pop(name, False)
+            if event["type"] == "MODIFIED":
+                self.modified[name] = self.modified.get(name, 0) + 1
+            if event["type"] != "DELETED":
                 self.ready[name] = ready
                 self.drift[name] = count
-            n = sum(self.ready.values())
+                if ready:
+                    self.ready_at.setdefault(name, now)
+            self._n_ready += int(ready and event["type"] != "DELETED") - int(was)
+            n = self._n_ready
             if n != self.ready_series[-1][1]:
                 self.ready_series.append((now, n))
             base = self._baseline
@@ -355,7 +395,7 @@ class Watch:
 
     def n_ready(self) -> int:
         with self.lock:
-            return sum(self.ready.values())
+            return self._n_ready
 
     def mark_drift_baseline(self) -> None:
         """From now on, an Orchestrator whose drift count grows counts as repaired."""
@@ -398,7 +438,9 @@ __all__ = [
     "Metrics",
     "ProcStat",
     "Watch",
+    "annotate_namespace",
     "apply_orchestrators",
+    "apply_orchestrators_parallel",
     "calls_delta",
     "control_plane_up",
     "create_namespace",

@@ -27,7 +27,9 @@ from bench.harness import (
     Controller,
     Metrics,
     Watch,
+    annotate_namespace,
     apply_orchestrators,
+    apply_orchestrators_parallel,
     calls_delta,
     create_namespace,
     orchestrator,
@@ -38,6 +40,7 @@ from bench.harness import (
 )
 from cloudrun_emulator.control import WRITE_METHODS
 from cloudrun_emulator.testing import EmulatorProcess
+from controller.domain.tenancy import PROJECTS_ANNOTATION
 from tests.fixtures.k8s import ControlPlane
 
 # The controller's per-region Cloud Run budgets. Unlimited where the emulator has no quota (as
@@ -69,6 +72,10 @@ class Config:
     quota_warmup: float = 60.0
     ready_timeout: float = 900.0
     failover_n: int = 100  # without a scale run to reuse; 0 = no failover scenario
+    estate_n: int = 10_000  # 0 = no estate scenario
+    estate_projects: int = 20
+    estate_shards: int = 3  # the same estate again with this many shards; 0 = one replica only
+    estate_resync: float = 120.0
 
 
 @dataclass
@@ -624,3 +631,179 @@ def _period(m: Metrics) -> float | None:
 
 def describe(obj: Any) -> str:
     return json.dumps(obj, default=lambda o: getattr(o, "__dict__", str(o)))
+
+
+# ---------------------------------------------------------------------- 6. the estate
+
+
+SHARD_LABEL = "runwarden.dev/shard"
+
+
+def shard_selectors(shards: int) -> list[str]:
+    """--selector of each shard, as manifests/shards/ has them for 3: shard 0 serves every
+    Orchestrator no other shard claims (no label, "0", anything else), shard k>0 its label."""
+    if shards <= 1:
+        return [""]
+    others = ",".join(str(k) for k in range(1, shards))
+    return [f"{SHARD_LABEL} notin ({others})"] + [f"{SHARD_LABEL}={k}" for k in range(1, shards)]
+
+
+@dataclass
+class EstateShard:
+    """One controller process of an estate run (the only one, or one shard of several)."""
+
+    shard: int
+    selector: str
+    n: int  # Orchestrators it serves
+    ready_seconds: float  # from when `kubectl apply` returned to its last Orchestrator Ready
+    repair_seconds: float  # from the start of the drift to its last Orchestrator repaired
+    peak_rss_mb: float
+    steady_cpu_percent: float
+    steady_checks: int
+    # Changes of its Orchestrators the watch saw in the steady window (each a status write of
+    # its own: nothing else writes them meanwhile).
+    steady_status_writes: int
+
+    @property
+    def writes_per_check(self) -> float:
+        return self.steady_status_writes / max(1, self.steady_checks)
+
+
+@dataclass
+class Estate:
+    n: int
+    projects: int
+    shards: int
+    resync: float
+    latency_ms: int
+    apply_seconds: float  # every `kubectl apply` batch done
+    ready_seconds: float  # apply returned -> every Orchestrator Ready
+    drift_inject_seconds: float
+    repair_seconds: float  # start of the drift -> every Orchestrator repaired
+    steady_seconds: float
+    steady_checks: int
+    steady_status_writes: int  # Orchestrator status PATCHes the apiserver served meanwhile
+    per_shard: list[EstateShard]
+
+    @property
+    def writes_per_check(self) -> float:
+        return self.steady_status_writes / max(1, self.steady_checks)
+
+
+def estate_project(i: int, projects: int) -> str:
+    return f"bench-estate-{i % max(1, projects):02d}"
+
+
+def estate(run: Run, cfg: Config, shards: int) -> Estate:
+    """cfg.estate_n Orchestrators over cfg.estate_projects projects in one namespace bound to
+    those projects (`--namespace-binding=required`, as manifests/ install it), served by one
+    controller or by ``shards`` controllers with --selector (manifests/shards/), budgets
+    unlimited (quotas unlimited: a third of unlimited is unlimited). Apply in parallel
+    batches, time to all Ready, drift every service at once, time to all repaired, then a
+    steady window of one resync."""
+    n, n_projects = cfg.estate_n, max(1, cfg.estate_projects)
+    what = f"estate{n}x{shards}"
+    ns = run.namespace(what)
+    projects = sorted({estate_project(p, n_projects) for p in range(n_projects)})
+    annotate_namespace(run.plane, ns, {PROJECTS_ANNOTATION: ",".join(projects)})
+    names = [service_name(f"{what}-{run.run_id}", i) for i in range(n)]
+    project = {name: estate_project(i, n_projects) for i, name in enumerate(names)}
+    shard_of = {name: i % max(1, shards) for i, name in enumerate(names)}
+    admin = run.emulator.admin
+    admin.put_service_account(SA_EMAIL)
+    run.say(f"{what}: seeding {n} services in {n_projects} projects")
+    put_services(admin, names, INITIAL, workers=8, project_of=project.__getitem__)
+    admin.set_faults(latency_ms=cfg.latency_ms)
+
+    def body(name: str) -> dict[str, Any]:
+        labels = {SHARD_LABEL: str(shard_of[name])} if shards > 1 else None
+        return orchestrator(name, name, project[name], labels)
+
+    selectors = shard_selectors(shards)
+    controllers = [
+        Controller(
+            run.plane,
+            run.emulator.grpc_endpoint,
+            [ns],
+            run.work / f"{what}-shard{k}.log",
+            cfg.estate_resync,
+            extra_args=["--namespace-binding=required"]
+            + ([f"--selector={selector}"] if selector else []),
+            extra_env=UNLIMITED,
+        )
+        for k, selector in enumerate(selectors)
+    ]
+    watch = Watch(run.plane, ns).start()
+    try:
+        for ctl in controllers:
+            ctl.start()
+        bodies = [body(name) for name in names]
+        t0 = time.monotonic()
+        apply_orchestrators_parallel(run.plane, ns, bodies, batch=max(1, min(1000, -(-n // 4))))
+        t_applied = time.monotonic()
+        run.say(f"{what}: kubectl apply {t_applied - t0:.1f}s")
+        t_ready = watch.wait(watch.n_ready, n, cfg.ready_timeout, f"{what}: Ready")
+        run.say(f"{what}: all Ready {t_ready - t_applied:.1f}s after apply returned")
+
+        watch.mark_drift_baseline()
+        td0 = time.monotonic()
+        put_services(admin, names, DRIFTS["env"], workers=8, project_of=project.__getitem__)
+        td1 = time.monotonic()
+        t_repaired = watch.wait(
+            watch.n_repaired, n, cfg.estate_resync * 1.1 + cfg.ready_timeout, f"{what}: repair"
+        )
+        run.say(f"{what}: all repaired {t_repaired - td0:.1f}s after the drift began")
+
+        window = cfg.steady_seconds or cfg.estate_resync
+        w0 = status_writes(run.plane)
+        with watch.lock:
+            mod0 = dict(watch.modified)
+        before = [(c.metrics(), c.stat()) for c in controllers]
+        time.sleep(window)
+        after = [(c.metrics(), c.stat()) for c in controllers]
+        writes = status_writes(run.plane) - w0
+        with watch.lock:
+            ready_at = dict(watch.ready_at)
+            repaired_at = dict(watch.repaired_at)
+            mod1 = dict(watch.modified)
+        per_shard = []
+        for k, ((m0, s0), (m1, s1)) in enumerate(zip(before, after, strict=True)):
+            mine = [name for name in names if shard_of[name] == k] if shards > 1 else names
+            per_shard.append(
+                EstateShard(
+                    shard=k,
+                    selector=selectors[k],
+                    n=len(mine),
+                    ready_seconds=max((ready_at.get(x, t_ready) for x in mine), default=t_ready)
+                    - t_applied,
+                    repair_seconds=max(
+                        (repaired_at.get(x, t_repaired) for x in mine), default=t_repaired
+                    )
+                    - td0,
+                    peak_rss_mb=s1.peak_rss_mb,
+                    steady_cpu_percent=100 * (s1.cpu - s0.cpu) / (s1.at - s0.at),
+                    steady_checks=int(m1.checks - m0.checks),
+                    steady_status_writes=sum(mod1.get(x, 0) - mod0.get(x, 0) for x in mine),
+                )
+            )
+        checks = sum(s.steady_checks for s in per_shard)
+        return Estate(
+            n=n,
+            projects=n_projects,
+            shards=shards,
+            resync=cfg.estate_resync,
+            latency_ms=cfg.latency_ms,
+            apply_seconds=t_applied - t0,
+            ready_seconds=t_ready - t_applied,
+            drift_inject_seconds=td1 - td0,
+            repair_seconds=t_repaired - td0,
+            steady_seconds=window,
+            steady_checks=checks,
+            steady_status_writes=writes,
+            per_shard=per_shard,
+        )
+    finally:
+        watch.stop()
+        for ctl in controllers:
+            ctl.stop()
+        admin.set_faults(latency_ms=0)

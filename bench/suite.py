@@ -78,6 +78,14 @@ def run(
             results.failover = attempt("failover", lambda: scenarios.failover(ctx, cfg, reuse))
         if cfg.quota_n:
             results.quota = attempt("quota", lambda: scenarios.quota(ctx, cfg, reuse))
+        if cfg.estate_n:
+            for shards in dict.fromkeys(k for k in (1, cfg.estate_shards) if k):
+                got_estate = attempt(
+                    f"estate {cfg.estate_n} x{shards}",
+                    functools.partial(scenarios.estate, ctx, cfg, shards),
+                )
+                if got_estate is not None:
+                    results.estates.append(got_estate)
     finally:
         emulator.stop()
         if own_plane:

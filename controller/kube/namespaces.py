@@ -45,13 +45,22 @@ class NamespaceBindings:
         self._clock = clock
         self._bindings: dict[str, Binding] = {}
         self._expires: dict[str, float] = {}
+        self._reading: dict[str, int] = {}  # namespace -> reads in flight (checks awaiting get)
 
     def seen(
         self, name: str, annotations: Mapping[str, str] | None, *, watched: bool = True
     ) -> bool:
-        """A namespace as the watch (or a read) delivered it; True if its binding changed."""
+        """A namespace as the watch (or a read) delivered it; True if its binding changed.
+
+        A namespace the watch delivers first while checks are reading it is no change: those
+        checks take the watch's binding (see ``get``), so waking them would only check again.
+        """
         binding = Binding.of(name, annotations)
         before = self._bindings.get(name)
+        if before is None and watched and self._reading.get(name):
+            self._bindings[name] = binding
+            self._expires[name] = float("inf")
+            return False
         self._bindings[name] = binding
         self._expires[name] = float("inf") if watched else self._clock() + self._ttl
         if before is not None and before != binding:
@@ -74,7 +83,15 @@ class NamespaceBindings:
         cached = self._bindings.get(name)
         if cached is not None and self._clock() < self._expires.get(name, 0.0):
             return cached
-        annotations = await self._read(name)
+        self._reading[name] = self._reading.get(name, 0) + 1
+        try:
+            annotations = await self._read(name)
+        finally:
+            self._reading[name] -= 1
+            if not self._reading[name]:
+                del self._reading[name]
+        if self._expires.get(name) == float("inf"):
+            return self._bindings[name]  # the watch delivered it meanwhile: the newer one
         self.seen(name, annotations, watched=False)
         return self._bindings[name]
 

@@ -8,7 +8,10 @@ Shape of the drift loop:
   (controller.kube.status_writer, one merge patch) rather than through kopf's handler ``patch``,
   which kopf applies only when a handler returns and, per call, at a cost comparable to a check's
   own (bench/results/notes.md). Daemon kwargs (body, spec, status) are live views, so a woken
-  check sees the newest spec.
+  check sees the newest spec. Memory per Orchestrator (issue 17): kopf keeps each body without
+  managedFields and with shared strings (lean_bodies.py); a daemon waits on its loop only (one
+  future while it sleeps), and kopf's stop flags are polled by one task for all daemons, a
+  deletion stopping its loop at once from the watch event.
 
   Spec changes (create/update/resume, spec only: status patches do not trigger them) just wake
   the loop, with the object's generation: a check that has already read that generation (the
@@ -61,6 +64,7 @@ from controller.kube import crd_gate, credentials, status_patch, status_writer
 from controller.kube.lease import Lease
 from controller.kube.namespaces import NamespaceBindings
 from controller.obs import metrics
+from controller.operator import lean_bodies
 from controller.operator.login import kube_credentials, login
 from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
 from controller.schedule.backoff import next_delay
@@ -119,6 +123,7 @@ async def _serve(settings: Settings) -> int:
             return 0  # stopped while standing by (or refused credentials: see run)
     stop = asyncio.Event()
     lost = asyncio.Event()
+    lean_bodies.install()  # kopf keeps every object's body: without managedFields, interned
     tasks = [asyncio.create_task(_stop_when_refused(stop))]
     if lease is not None:
 
@@ -336,12 +341,14 @@ async def drift_loop(
     loop = REGISTRY.loop(namespace or "", name)
     lease: Lease | None = memo.get("lease")
     loop.stopping = False  # a new daemon for this object (e.g. after the operator paused)
-    # One task for the daemon's life turns kopf's stop flag into the loop's stop.
-    stopping = asyncio.ensure_future(_stopped(stopped))
-    stopping.add_done_callback(lambda _: loop.stop())
+    # kopf's stop flag becomes the loop's stop by one poller for all daemons (a task per daemon
+    # waiting on its flag cost ~2 KB per Orchestrator: issue 17); a deletion stops the loop at
+    # once from its watch event (watched).
+    _STOP_FLAGS[loop.key] = (loop, stopped)
+    _ensure_stop_poller()
     try:
         while reasons := await loop.wait():
-            async with loop.lock:
+            async with loop.lock, _checks_running():
                 if loop.stopping or body.metadata.get("deletionTimestamp"):
                     return
                 if lease is not None and not lease.held:
@@ -359,11 +366,49 @@ async def drift_loop(
                     failure = Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT)
                     loop.schedule(DEFAULT_RESYNC, failure)
     finally:
-        stopping.cancel()
+        if _STOP_FLAGS.get(loop.key, (None, None))[0] is loop:
+            del _STOP_FLAGS[loop.key]
 
 
-async def _stopped(stopped: kopf.DaemonStopped) -> None:
-    await stopped.wait()
+# At most this many checks run at once; the rest wait their turn (FIFO). Every Orchestrator of a
+# new or restarted controller is due at once: 10,000 checks in flight together held ~15 KB each
+# (coroutines, gRPC calls, replies) only to queue for the one CPU anyway (issue 17: peak RSS).
+MAX_CONCURRENT_CHECKS = 128
+_check_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+def _checks_running() -> asyncio.Semaphore:
+    running = asyncio.get_running_loop()
+    slots = _check_slots.get(running)
+    if slots is None:
+        _check_slots.clear()  # one operator per event loop; an earlier loop has ended
+        slots = _check_slots[running] = asyncio.Semaphore(MAX_CONCURRENT_CHECKS)
+    return slots
+
+
+# The running drift-loop daemons' kopf stop flags, polled by one task (_poll_stop_flags).
+_STOP_FLAGS: dict[tuple[str, str], tuple[DriftLoop, kopf.DaemonStopped]] = {}
+STOP_POLL_SECONDS = 0.5  # kopf checks a stopping daemon every cancellation_polling (1 s)
+_stop_poller: asyncio.Task[None] | None = None
+
+
+def _ensure_stop_poller() -> None:
+    global _stop_poller
+    running = asyncio.get_running_loop()
+    if _stop_poller is None or _stop_poller.done() or _stop_poller.get_loop() is not running:
+        _stop_poller = running.create_task(_poll_stop_flags(), name="drift-loop stop flags")
+
+
+async def _poll_stop_flags() -> None:
+    """Stop the loop of every daemon kopf asked to stop (operator exit, pause), until no daemon
+    is left."""
+    while _STOP_FLAGS:
+        await asyncio.sleep(STOP_POLL_SECONDS)
+        for key, (loop, stopped) in list(_STOP_FLAGS.items()):
+            if stopped:
+                loop.stop()
+                if _STOP_FLAGS.get(key, (None, None))[0] is loop:
+                    del _STOP_FLAGS[key]
 
 
 def _poster(body: kopf.Body) -> Any:
@@ -393,13 +438,21 @@ async def _write_status(
 async def watched(
     type: str, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
 ) -> None:
-    """An Orchestrator gone from this process's view without being deleted: relabelled out of
-    --selector, the apiserver's filtered watch reports it DELETED. kopf stops daemons only for
-    deletions (deletionTimestamp), so stop its drift loop here and forget its budget share and
-    metric; relabelled back in, it arrives as a new object."""
-    if type != "DELETED" or body.metadata.get("deletionTimestamp"):
-        return
+    """Every watch event of an Orchestrator. Marked for deletion: stop its drift loop now.
+    Gone from this process's view without being deleted: relabelled out of --selector, the
+    apiserver's filtered watch reports it DELETED. kopf stops daemons only for deletions
+    (deletionTimestamp), so stop its drift loop here and forget its budget share and metric;
+    relabelled back in, it arrives as a new object."""
     key = (namespace or "", name)
+    if body.metadata.get("deletionTimestamp"):
+        # Marked for deletion: its loop stops now (a running check completes first); kopf
+        # then stops the daemon and calls `deleted`.
+        found = REGISTRY.get(*key)
+        if found is not None and not found.stopping:
+            found.stop()
+        return
+    if type != "DELETED":
+        return
     if REGISTRY.get(*key) is not None:
         log.info("unselected", k8s_ref={"namespace": key[0], "name": name})
         REGISTRY.forget(*key)

@@ -6,7 +6,8 @@ only library they touch, which is why they live in the operator layer.
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
@@ -14,7 +15,10 @@ from typing import Any, Generic, TypeVar, cast
 import kopf
 
 # Orchestrators whose diff-base essence is kept between watch events (more only cost a rebuild).
-ESSENCE_CACHE = 10_000
+# With the status heartbeat an Orchestrator in steady state has a watch event every few minutes,
+# not one per check; the cache is for bursts (start-up, repairs), and bounded so that 10,000
+# Orchestrators do not keep ~4 KB each in it (issue 17).
+ESSENCE_CACHE = 1_000
 V = TypeVar("V")
 
 
@@ -28,11 +32,14 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     Here the essence is rebuilt only when its inputs (everything but status and metadata, plus
     labels, annotations and any extra field) differ from the last event of the same object;
     kopf only reads an essence, so the same one is returned again.
+
+    Memory (issue 17): per object it keeps a digest of those inputs, not a copy of them, and
+    the decoded annotation by the digest of its text, not under a second copy of the text.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._built: LRU[tuple[Any, Any]] = LRU(ESSENCE_CACHE)
+        self._built: LRU[tuple[bytes, kopf.BodyEssence]] = LRU(ESSENCE_CACHE)
         self._decoded: LRU[kopf.BodyEssence] = LRU(ESSENCE_CACHE)
 
     def build(
@@ -50,15 +57,14 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         for f in extra:  # other extra fields, e.g. metadata.generation
             if _field_root(f) == "metadata":
                 lean["metadata"] = meta
-        inputs = (lean, extra)
+        inputs = _digest(json.dumps((lean, extra), sort_keys=True, default=repr))
         key = str(meta.get("uid") or (meta.get("namespace"), meta.get("name")))
         cached = self._built.get(key)
         if cached is not None and cached[0] == inputs:
             essence: kopf.BodyEssence = cached[1]
             return essence
         essence = super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=extra)
-        # A copy of the inputs: what is compared next time must not share dicts with a body.
-        self._built.put(key, (copy.deepcopy(inputs), essence))
+        self._built.put(key, (inputs, essence))
         return essence
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
@@ -68,11 +74,12 @@ class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
             encoded = annotations.get(full_key)
             if encoded is None:
                 continue
-            decoded = self._decoded.get(encoded)
+            digest = _digest(encoded)
+            decoded = self._decoded.get(digest)
             if decoded is None:
                 decoded = super().fetch(body=body)
                 if decoded is not None:
-                    self._decoded.put(encoded, decoded)
+                    self._decoded.put(digest, decoded)
             return decoded
         return None
 
@@ -102,19 +109,25 @@ class LRU(Generic[V]):
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[str, V] = OrderedDict()
+        self._items: OrderedDict[str | bytes, V] = OrderedDict()
 
-    def get(self, key: str) -> V | None:
+    def get(self, key: str | bytes) -> V | None:
         found = self._items.get(key)
         if found is not None:
             self._items.move_to_end(key)
         return found
 
-    def put(self, key: str, value: V) -> None:
+    def put(self, key: str | bytes, value: V) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
         while len(self._items) > self._size:
             self._items.popitem(last=False)
+
+
+def _digest(text: str) -> bytes:
+    """16 bytes that stand for ``text`` (equal texts, equal digests; a collision is as unlikely
+    as for any 128-bit hash)."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _field_root(field: Any) -> str:

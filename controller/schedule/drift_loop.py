@@ -38,9 +38,13 @@ ObjectKey = tuple[str, str]  # (namespace, name)
 ROLLOUT_WAKE = "rollout"  # the wake reason when a rollout started by a check has ended
 
 
-@dataclass
+@dataclass(slots=True)
 class DriftLoop:
-    """The schedule and wake-up of one Orchestrator's checks."""
+    """The schedule and wake-up of one Orchestrator's checks.
+
+    One per Orchestrator, for the process's life: slotted, and a waiting loop holds one future
+    and one timer handle only while it waits (issue 17: memory per Orchestrator).
+    """
 
     key: ObjectKey
     ref: ServiceRef | None = None
@@ -59,7 +63,8 @@ class DriftLoop:
     parsed: tuple[int, object] | None = None  # (generation, its parsed spec), for the wiring
     # Status this process wrote that the watch may not have delivered yet (top-level keys).
     written: dict[str, Any] = field(default_factory=dict)
-    _event: asyncio.Event = field(default_factory=asyncio.Event)
+    _woken: bool = False  # a wake (or stop) not yet consumed by wait()
+    _waiter: asyncio.Future[None] | None = None  # what a running wait() sleeps on
     _wakes: list[tuple[str, int | None]] = field(default_factory=list)  # (reason, generation)
 
     def wake(self, reason: str = "wake", generation: int | None = None) -> None:
@@ -69,7 +74,13 @@ class DriftLoop:
         dropped if a check has read that generation (or a newer one) by then.
         """
         self._wakes.append((reason, generation))
-        self._event.set()
+        self._set()
+
+    def _set(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def wait(self) -> tuple[str, ...]:
         """Sleep until woken or due; returns why (wake reasons, or ("resync",)), or an empty
@@ -82,24 +93,26 @@ class DriftLoop:
         while not self.stopping:
             self._drop_seen_wakes()
             delay = self.due - loop.time()
-            if self._event.is_set() or delay <= 0:
+            if self._woken or delay <= 0:
                 break
-            timer = loop.call_later(min(delay, MAX_WAIT), self._event.set)
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(min(delay, MAX_WAIT), self._set)
             try:
-                await self._event.wait()
+                await waiter
             finally:
                 timer.cancel()
+                self._waiter = None
         if self.stopping:
             return ()
         reasons = tuple(dict.fromkeys(reason for reason, _ in self._wakes)) or ("resync",)
         self._wakes.clear()
-        self._event.clear()
+        self._woken = False
         return reasons
 
     def stop(self) -> None:
         """End the current and every later ``wait`` (the object is gone or the operator exits)."""
         self.stopping = True
-        self._event.set()
+        self._set()
 
     def events_to_post(self, events: Iterable[Event]) -> tuple[Event, ...]:
         """The check's Events minus Warnings repeated from the last check (see
@@ -116,7 +129,7 @@ class DriftLoop:
         if not self.rolling_out:
             self._wakes = [(r, g) for r, g in self._wakes if r != ROLLOUT_WAKE]
         if not self._wakes:
-            self._event.clear()
+            self._woken = False
 
     def history(self, live: Mapping[str, Any]) -> dict[str, Any]:
         """The status as this process last left it: the live one overlaid with what was written

@@ -31,10 +31,14 @@ SMOKE = Config(
     quota_warmup=1,
     ready_timeout=60,
     failover_n=3,
+    estate_n=30,
+    estate_projects=3,
+    estate_shards=3,
+    estate_resync=2,
 )
 
 
-@pytest.mark.timeout(480)  # the failover scenario adds ~1 min on a busy machine
+@pytest.mark.timeout(720)  # failover and the two estate runs add ~2 min on a busy machine
 def test_bench_smoke(crds: ControlPlane, tmp_path: Path) -> None:
     results = run(SMOKE, tmp_path / "results", tmp_path / "work", plane=crds, audit=False,
                   command="pytest tests/bench", say=lambda _: None)  # fmt: skip
@@ -65,6 +69,14 @@ def test_bench_smoke(crds: ControlPlane, tmp_path: Path) -> None:
     assert results.failover.standby_calls_before == 0
     assert 0 < results.failover.first_repair_seconds <= results.failover.all_repaired_seconds
 
+    # The estate (issue 17) at a tiny size: one replica, then 3 shards by --selector, every
+    # Orchestrator of a namespace bound to its 3 projects served by exactly one of them.
+    assert [(e.n, e.shards) for e in results.estates] == [(30, 1), (30, 3)], tables(results)
+    one, sharded = results.estates
+    assert one.ready_seconds > 0 and one.per_shard[0].n == 30 and one.per_shard[0].peak_rss_mb > 0
+    assert [s.n for s in sharded.per_shard] == [10, 10, 10]
+    assert all(s.steady_checks > 0 and s.peak_rss_mb > 0 for s in sharded.per_shard)
+
     text = (tmp_path / "results" / "latest.md").read_text()
-    for heading in ("API economy", "Overhead", "Scale", "Quota pacing", "issue 8"):
+    for heading in ("API economy", "Overhead", "Scale", "Quota pacing", "issue 8", "Estate"):
         assert heading in text

@@ -101,3 +101,28 @@ async def test_a_missing_namespace_is_unbound_and_errors_raise(
     namespaces["broken"] = 500
     with pytest.raises(StatusWriteError, match="namespace broken"):
         await b.get("broken")
+
+
+async def test_the_watch_delivering_a_namespace_a_check_is_reading_is_no_change() -> None:
+    """At start-up the namespace watch may deliver a namespace while a check is reading it:
+    the check takes the watch's binding and nothing is woken for a second check; a change the
+    watch delivers afterwards still is one."""
+    import asyncio
+    from collections.abc import Mapping
+
+    release = asyncio.Event()
+
+    class SlowRead(NamespaceBindings):
+        async def _read(self, name: str) -> Mapping[str, str]:
+            await release.wait()
+            return {"runwarden.dev/projects": "stale-prj"}
+
+    b = SlowRead(None, BindingMode.REQUIRED)
+    reading = asyncio.create_task(b.get("team-a"))
+    await asyncio.sleep(0)
+    assert b.seen("team-a", {"runwarden.dev/projects": "a-prj"}) is False
+    release.set()
+    assert (await reading).projects == frozenset({"a-prj"})  # the watch's, not the read's
+    assert b.seen("team-a", {"runwarden.dev/projects": "b-prj"}) is True
+    # With no read in flight, a namespace seen first is new (as before): its loops are woken.
+    assert b.seen("team-b", {"runwarden.dev/projects": "a-prj"}) is True
