@@ -110,16 +110,17 @@ async def test_the_watch_delivering_a_namespace_a_check_is_reading_is_no_change(
     import asyncio
     from collections.abc import Mapping
 
-    release = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
 
     class SlowRead(NamespaceBindings):
         async def _read(self, name: str) -> Mapping[str, str]:
+            started.set()
             await release.wait()
             return {"runwarden.dev/projects": "stale-prj"}
 
     b = SlowRead(None, BindingMode.REQUIRED)
     reading = asyncio.create_task(b.get("team-a"))
-    await asyncio.sleep(0)
+    await started.wait()  # the check's read is in flight
     assert b.seen("team-a", {"runwarden.dev/projects": "a-prj"}) is False
     release.set()
     assert (await reading).projects == frozenset({"a-prj"})  # the watch's, not the read's
