@@ -168,7 +168,8 @@ def tables(r: Results) -> str:
     if r.estates:
         out += _estate_tables(r.estates)
     out += ["### 5. Detection → repair latency, audit events vs polling (issue 8)", ""]
-    out += [r.audit.strip() if r.audit else "_not measured: bench/audit_latency.py is absent_", ""]
+    skipped = "_not measured: skipped (BENCH_AUDIT=0) or failed (see the errors below)_"
+    out += [r.audit.strip() if r.audit else skipped, ""]
     if r.errors:
         out += ["### Errors", "", *(f"- {e}" for e in r.errors), ""]
     return "\n".join(out)
