@@ -348,7 +348,9 @@ async def drift_loop(
     _ensure_stop_poller()
     try:
         while reasons := await loop.wait():
-            async with loop.lock, _checks_running():
+            # A turn among the checks first, then the object's lock: a check queued for its turn
+            # must not hold the lock its object's deletion handler waits on.
+            async with _checks_running(), loop.lock:
                 if loop.stopping or body.metadata.get("deletionTimestamp"):
                     return
                 if lease is not None and not lease.held:

@@ -74,5 +74,5 @@ def install() -> None:
     """Make kopf process lean objects (idempotent). kopf's operator looks the processor up as
     ``processing.process_resource_event`` when it spawns its watchers (kopf 1.45,
     _core/reactor/running.py), so replacing the module attribute is enough;
-    tests/unit/test_lean_bodies.py holds kopf to that."""
+    tests/unit/operator/test_lean_bodies.py holds kopf to that."""
     processing.process_resource_event = wrap(processing.process_resource_event)  # type: ignore[assignment]
