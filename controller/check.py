@@ -1,6 +1,6 @@
 """One drift check of one Orchestrator, kopf-free: spec -> reconcile -> status patch + Events.
 
-The operator layer (controller.operator) runs it from each object's drift-loop daemon, under the
+The operator layer (controller.operator) runs it from the drift loops' Scheduler, under the
 loop's lock, and writes the returned patch; everything here is plain Python over the object's
 body as a mapping, so it can be driven without kopf.
 """

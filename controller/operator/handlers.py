@@ -1,22 +1,21 @@
 """The kopf handlers: the operator layer, with login.py and storage.py the only kopf importers.
 
-Shape of the drift loop:
+Shape of the drift loops:
   Each Orchestrator gets one loop (controller.schedule.drift_loop.DriftLoop) that checks "at once
-  when woken, else when the resync is due", run by a kopf *daemon*: kopf starts it for each
-  object (on create and on resume) and stops it on deletion and exit. Each check is
-  controller.check.check (kopf-free); the daemon writes its status itself
-  (controller.kube.status_writer, one merge patch) rather than through kopf's handler ``patch``,
-  which kopf applies only when a handler returns and, per call, at a cost comparable to a check's
-  own (bench/results/notes.md). Daemon kwargs (body, spec, status) are live views, so a woken
-  check sees the newest spec. Memory per Orchestrator (issue 17): kopf keeps each body without
-  managedFields and with shared strings (lean_bodies.py); a daemon waits on its loop only (one
-  future while it sleeps), and kopf's stop flags are polled by one task for all daemons, a
-  deletion stopping its loop at once from the watch event.
+  when woken, else when the resync is due"; one Scheduler task runs every loop's checks (no kopf
+  daemon per object: a daemon's task, coroutines, kwargs and logger were most of the memory per
+  Orchestrator, issue 17). Each check is controller.check.check (kopf-free), and its status is
+  written by the operator (controller.kube.status_writer, one merge patch) rather than through
+  kopf's handler ``patch``, which kopf applies only when a handler returns and, per call, at a
+  cost comparable to a check's own (bench/results/notes.md).
 
-  Spec changes (create/update/resume, spec only: status patches do not trigger them) just wake
-  the loop, with the object's generation: a check that has already read that generation (the
-  first check of a new or resumed object usually has) is not repeated. Anything else can wake it
-  via ``controller.schedule.drift_loop.wake(project, region, service)`` — the hook for the Cloud
+  One watch-event handler (``watched``) feeds each loop its object's newest body and wakes it,
+  with the object's generation, when the spec is new to it: a check that has already read that
+  generation is not repeated. No create/update/resume handlers, so kopf keeps no diff base
+  (storage.NoDiffBase): one apiserver write less per new Orchestrator and per spec change. A loop
+  starts checking once kopf's finalizer is on the object, so that the deletion handler is sure
+  to run for anything a check wrote. Anything else can wake a loop via
+  ``controller.schedule.drift_loop.wake(project, region, service)`` — the hook for the Cloud
   Audit Log listener. Checks and the deletion handler for one object share the loop's lock, so
   they never run concurrently.
 
@@ -32,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import signal
 import sys
@@ -66,20 +66,18 @@ from controller.kube.namespaces import NamespaceBindings
 from controller.obs import metrics
 from controller.operator import lean_bodies
 from controller.operator.login import kube_credentials, login
-from controller.operator.storage import LeanDiffBaseStorage, LeanProgressStorage
+from controller.operator.storage import NoDiffBase
 from controller.schedule.backoff import next_delay
-from controller.schedule.drift_loop import REGISTRY, ROLLOUT_WAKE, DriftLoop
+from controller.schedule.drift_loop import REGISTRY, ROLLOUT_WAKE, DriftLoop, Scheduler
 from controller.settings import Settings
 
 __all__ = [
     "cleanup",
     "deleted",
-    "drift_loop",
     "kube_credentials",
     "login",
     "namespace_event",
     "run",
-    "spec_changed",
     "startup",
     "watched",
 ]
@@ -130,7 +128,7 @@ async def _serve(settings: Settings) -> int:
         async def keep(held: Lease) -> None:
             await held.keep()
             lost.set()
-            stop.set()  # kopf stops its daemons; the gateway's fence already refuses writes
+            stop.set()  # kopf stops (cleanup stops the checks); the fence already refuses writes
 
         tasks.append(asyncio.create_task(keep(lease)))
     try:
@@ -200,14 +198,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         # relabelled out of the selection arrives as DELETED (see watched); relabelled in, it
         # arrives as new and is resumed.
         settings.watching.label_selectors[GROUP, PLURAL] = config.selector
-    settings.persistence.progress_storage = LeanProgressStorage(prefix="runwarden.dev")
-    settings.persistence.diffbase_storage = LeanDiffBaseStorage(
-        prefix="runwarden.dev", key="last-handled-configuration"
-    )
-    # On deletion kopf waits for the drift-loop daemon to exit before releasing the finalizer; it
-    # exits within milliseconds, so check for that often instead of kopf's default 60 s.
-    settings.background.instant_exit_timeout = 0.5
-    settings.background.cancellation_polling = 1.0
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="runwarden.dev")
+    settings.persistence.diffbase_storage = NoDiffBase()
     # kopf would also post its own log lines as Events; ours are the contract's Events only.
     # (posting.enabled=False would also silence kopf.event(), which posts ours.)
     settings.posting.level = logging.CRITICAL
@@ -237,6 +229,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.status_writer = status_writer.StatusWriter(credentials.connect, GROUP, VERSION, PLURAL)
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
+    # Started by the first watch event (see watched).
+    memo.scheduler = Scheduler(REGISTRY, functools.partial(_check_one, memo=memo))
     if config.audit_subscription:
         memo.audit = await audit_listener.start(
             config.audit_subscription,
@@ -272,6 +266,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    scheduler: Scheduler | None = memo.get("scheduler")
+    if scheduler is not None:
+        await scheduler.close(grace=CHECK_GRACE)
     listener: AuditListener | None = memo.get("audit")
     if listener is not None:
         await listener.stop()
@@ -285,23 +282,6 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if writer is not None:
         await writer.close()
     log.info("stopped")
-
-
-# ---------------------------------------------------------------------- spec changes
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-async def spec_changed(
-    body: kopf.Body, namespace: str | None, name: str, reason: str, **_: Any
-) -> None:
-    """Check this Orchestrator at once (the drift loop picks up the new spec), unless a check
-    has read this generation already. (kopf calls update handlers only when the spec, labels or
-    annotations change, never for status; filtering on field="spec" would cost a field match
-    per watch event, i.e. per check, for nothing: a label change is a seen generation.)"""
-    generation = int(body.metadata.get("generation") or 0) or None
-    REGISTRY.loop(namespace or "", name).wake(f"spec-{reason}", generation=generation)
 
 
 # ---------------------------------------------------------------------- namespace bindings
@@ -327,90 +307,31 @@ async def namespace_event(
 # ---------------------------------------------------------------------- the drift loop
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="drift-loop")
-async def drift_loop(
-    body: kopf.Body,
-    namespace: str | None,
-    name: str,
-    memo: Any,
-    stopped: kopf.DaemonStopped,
-    **_: Any,
-) -> None:
-    """Check one Orchestrator whenever it is woken or due, until it is deleted or the operator
-    stops (see the module docstring)."""
-    loop = REGISTRY.loop(namespace or "", name)
+# On exit, running checks get this long to end (their Google calls have their own deadlines).
+CHECK_GRACE = 30.0
+
+
+async def _check_one(loop: DriftLoop, reasons: tuple[str, ...], memo: Any) -> None:
+    """One check of one Orchestrator (run by the Scheduler), and its status write."""
     lease: Lease | None = memo.get("lease")
-    loop.stopping = False  # a new daemon for this object (e.g. after the operator paused)
-    # kopf's stop flag becomes the loop's stop by one poller for all daemons (a task per daemon
-    # waiting on its flag cost ~2 KB per Orchestrator: issue 17); a deletion stops the loop at
-    # once from its watch event (watched).
-    _STOP_FLAGS[loop.key] = (loop, stopped)
-    _ensure_stop_poller()
-    try:
-        while reasons := await loop.wait():
-            # A turn among the checks first, then the object's lock: a check queued for its turn
-            # must not hold the lock its object's deletion handler waits on.
-            async with _checks_running(), loop.lock:
-                if loop.stopping or body.metadata.get("deletionTimestamp"):
-                    return
-                if lease is not None and not lease.held:
-                    # Fenced: no valid Lease (the operator is stopping). Neither Google nor the
-                    # status may be written; look again shortly.
-                    loop.schedule(lease.retry, None)
-                    continue
-                try:
-                    patch = await check(loop, body, memo, reasons, _poster(body))
-                    if patch and (lease is None or lease.held):
-                        await _write_status(loop, memo.status_writer, patch)
-                except Exception as exc:  # a bug must not end the loop: retry with backoff
-                    log.exception("loop_crashed", k8s_ref=ref_of(loop))
-                    message = f"internal error ({type(exc).__name__})"
-                    failure = Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT)
-                    loop.schedule(DEFAULT_RESYNC, failure)
-    finally:
-        if _STOP_FLAGS.get(loop.key, (None, None))[0] is loop:
-            del _STOP_FLAGS[loop.key]
-
-
-# At most this many checks run at once; the rest wait their turn (FIFO). Every Orchestrator of a
-# new or restarted controller is due at once: 10,000 checks in flight together held ~15 KB each
-# (coroutines, gRPC calls, replies) only to queue for the one CPU anyway (issue 17: peak RSS).
-MAX_CONCURRENT_CHECKS = 128
-_check_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
-
-
-def _checks_running() -> asyncio.Semaphore:
-    running = asyncio.get_running_loop()
-    slots = _check_slots.get(running)
-    if slots is None:
-        _check_slots.clear()  # one operator per event loop; an earlier loop has ended
-        slots = _check_slots[running] = asyncio.Semaphore(MAX_CONCURRENT_CHECKS)
-    return slots
-
-
-# The running drift-loop daemons' kopf stop flags, polled by one task (_poll_stop_flags).
-_STOP_FLAGS: dict[tuple[str, str], tuple[DriftLoop, kopf.DaemonStopped]] = {}
-STOP_POLL_SECONDS = 0.5  # kopf checks a stopping daemon every cancellation_polling (1 s)
-_stop_poller: asyncio.Task[None] | None = None
-
-
-def _ensure_stop_poller() -> None:
-    global _stop_poller
-    running = asyncio.get_running_loop()
-    if _stop_poller is None or _stop_poller.done() or _stop_poller.get_loop() is not running:
-        _stop_poller = running.create_task(_poll_stop_flags(), name="drift-loop stop flags")
-
-
-async def _poll_stop_flags() -> None:
-    """Stop the loop of every daemon kopf asked to stop (operator exit, pause), until no daemon
-    is left."""
-    while _STOP_FLAGS:
-        await asyncio.sleep(STOP_POLL_SECONDS)
-        for key, (loop, stopped) in list(_STOP_FLAGS.items()):
-            if stopped:
-                loop.stop()
-                if _STOP_FLAGS.get(key, (None, None))[0] is loop:
-                    del _STOP_FLAGS[key]
+    async with loop.lock:
+        body = loop.body
+        if loop.stopping or body is None or body.metadata.get("deletionTimestamp"):
+            return
+        if lease is not None and not lease.held:
+            # Fenced: no valid Lease (the operator is stopping). Neither Google nor the status
+            # may be written; look again shortly.
+            loop.schedule(lease.retry, None)
+            return
+        try:
+            patch = await check(loop, body, memo, reasons, _poster(body))
+            if patch and (lease is None or lease.held):
+                await _write_status(loop, memo.status_writer, patch)
+        except Exception as exc:  # a bug must not end the loop: retry with backoff
+            log.exception("loop_crashed", k8s_ref=ref_of(loop))
+            message = f"internal error ({type(exc).__name__})"
+            failure = Failure(Reason.INTERNAL_ERROR, message, Retry.TRANSIENT)
+            loop.schedule(DEFAULT_RESYNC, failure)
 
 
 def _poster(body: kopf.Body) -> Any:
@@ -436,30 +357,51 @@ async def _write_status(
         )
 
 
+# The wake reason of a spec new to a loop, by watch event type (None: kopf's initial listing).
+SPEC_WAKES = {None: "spec-resume", "ADDED": "spec-create"}
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def watched(
-    type: str, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
 ) -> None:
-    """Every watch event of an Orchestrator. Marked for deletion: stop its drift loop now.
-    Gone from this process's view without being deleted: relabelled out of --selector, the
-    apiserver's filtered watch reports it DELETED. kopf stops daemons only for deletions
-    (deletionTimestamp), so stop its drift loop here and forget its budget share and metric;
-    relabelled back in, it arrives as a new object."""
+    """Every watch event of an Orchestrator: its loop gets the newest body, and is woken when
+    the spec (generation) is new to it.
+
+    Marked for deletion: its loop stops now (a running check completes first); kopf then calls
+    `deleted`. Gone from this process's view without being deleted: relabelled out of
+    --selector, the apiserver's filtered watch reports it DELETED, so its loop stops and its
+    budget share and metric are forgotten; relabelled back in, it arrives as a new object."""
+    scheduler: Scheduler = memo.scheduler
+    if not scheduler.started:
+        # From here, not from startup: the checks' task inherits this context, where kopf has
+        # set the queue that kopf.event() posts through (the checks' Events).
+        scheduler.start()
     key = (namespace or "", name)
-    if body.metadata.get("deletionTimestamp"):
-        # Marked for deletion: its loop stops now (a running check completes first); kopf
-        # then stops the daemon and calls `deleted`.
+    meta = body.metadata
+    if meta.get("deletionTimestamp"):
         found = REGISTRY.get(*key)
-        if found is not None and not found.stopping:
+        if found is not None:
+            found.body = body
             found.stop()
         return
-    if type != "DELETED":
+    if type == "DELETED":
+        if REGISTRY.get(*key) is not None:
+            log.info("unselected", k8s_ref={"namespace": key[0], "name": name})
+            REGISTRY.forget(*key)
+            memo.pacer.forget(key)
+            metrics.set_ready(*key, None)
         return
-    if REGISTRY.get(*key) is not None:
-        log.info("unselected", k8s_ref={"namespace": key[0], "name": name})
-        REGISTRY.forget(*key)
-        memo.pacer.forget(key)
-        metrics.set_ready(*key, None)
+    if FINALIZER not in (meta.get("finalizers") or ()):
+        return  # kopf adds it first (its own patch); the next event brings it
+    found = REGISTRY.get(*key)
+    fresh = found is None
+    loop = REGISTRY.loop(*key)
+    loop.body = body
+    generation = int(meta.get("generation") or 0) or None
+    seen = loop.checked_generation
+    if fresh or generation is None or seen is None or generation > seen:
+        loop.wake(SPEC_WAKES.get(type, "spec-update") if fresh else "spec-update", generation)
 
 
 # ---------------------------------------------------------------------- deletion

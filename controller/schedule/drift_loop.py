@@ -1,8 +1,10 @@
-"""Per-Orchestrator drift loops: "check when due, or at once when woken".
+"""Drift loops: "check when due, or at once when woken", for every Orchestrator of the process.
 
-One ``DriftLoop`` per Orchestrator, in this process's memory. The kopf wiring (operator/handlers.py)
-runs each loop's checks; spec changes wake it; so can anything else that learns a service has
-changed, e.g. a Cloud Audit Log listener::
+One ``DriftLoop`` per Orchestrator, in this process's memory, and one ``Scheduler`` task that
+runs all their checks (at most MAX_CONCURRENT_CHECKS at once): a loop is only data while it
+waits (issue 17: no task, future or timer per Orchestrator). The operator layer feeds each loop
+its object's newest body and wakes it on spec changes; so can anything else that learns a
+service has changed, e.g. a Cloud Audit Log listener::
 
     from controller.schedule import drift_loop
     drift_loop.wake("my-project", "us-west2", "my-service", reason="audit")
@@ -11,10 +13,14 @@ changed, e.g. a Cloud Audit Log listener::
 ``loop.call_soon_threadsafe(drift_loop.wake, ...)``). It never blocks and never fails: an unknown
 service simply wakes nothing (it returns how many loops it woke).
 
+Order: woken loops first (a new Orchestrator's first check, a spec change, an audit entry), in
+the order they were woken, then due resyncs, earliest first. A loop never runs two checks at
+once: a wake during its check makes one more check after it.
+
 A spec wake carries the object's ``metadata.generation``; a check records the generation it read.
-A spec wake for a generation a check has already seen is dropped: on create (and on resume) kopf
-calls the spec handler while the loop's first check is already reading that very spec, and a
-second check right after it would only repeat the same reads.
+A spec wake for a generation a check has already seen is dropped: a watch event may deliver a
+spec the running check is already reading, and a second check right after it would only repeat
+the same reads.
 
 A rollout wake (ROLLOUT_WAKE: a rollout this process started has ended) counts only when the last
 check left a rollout under way (it said Progressing). When the check's read-back already saw the
@@ -25,8 +31,13 @@ DriftRepaired) by Synced at once. A rollout ending while a check runs is judged 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
+import math
 import random
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,18 +47,23 @@ from controller.schedule.events import WarningKey, warnings_to_post
 
 ObjectKey = tuple[str, str]  # (namespace, name)
 ROLLOUT_WAKE = "rollout"  # the wake reason when a rollout started by a check has ended
+# At most this many checks run at once; the rest wait their turn. Every Orchestrator of a new or
+# restarted controller is due at once: 10,000 checks in flight together held ~15 KB each
+# (coroutines, gRPC calls, replies) only to queue for the one CPU anyway (issue 17: peak RSS).
+MAX_CONCURRENT_CHECKS = 128
 
 
 @dataclass(slots=True)
 class DriftLoop:
-    """The schedule and wake-up of one Orchestrator's checks.
+    """The schedule, wake-ups and check state of one Orchestrator.
 
-    One per Orchestrator, for the process's life: slotted, and a waiting loop holds one future
-    and one timer handle only while it waits (issue 17: memory per Orchestrator).
+    One per Orchestrator, for the process's life: slotted, and only data (issue 17: memory per
+    Orchestrator); the Registry's Scheduler runs its checks.
     """
 
     key: ObjectKey
     ref: ServiceRef | None = None
+    body: Any = None  # the object as its newest watch event showed it (the operator sets it)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     due: float = 0.0  # loop.time() of the next regular check; 0 = at once
     streak: Streak = field(
@@ -56,16 +72,17 @@ class DriftLoop:
     warned: frozenset[WarningKey] = frozenset()  # the Warning Events of the last check
     last_write: WriteRecord = field(default_factory=WriteRecord)
     deleted: bool = False
-    stopping: bool = False  # stop() was called: wait() returns () from now on
+    stopping: bool = False  # stop() was called: no further check starts
     checks: int = 0  # completed checks since this process started
     checked_generation: int | None = None  # metadata.generation the last check read
     rolling_out: bool = False  # the last check left a rollout of ours under way
     parsed: tuple[int, object] | None = None  # (generation, its parsed spec), for the wiring
     # Status this process wrote that the watch may not have delivered yet (top-level keys).
     written: dict[str, Any] = field(default_factory=dict)
-    _woken: bool = False  # a wake (or stop) not yet consumed by wait()
-    _waiter: asyncio.Future[None] | None = None  # what a running wait() sleeps on
+    running: bool = False  # taken by the scheduler: its check runs (or is about to)
+    _woken: bool = False  # a wake (or stop) not yet consumed by a check
     _wakes: list[tuple[str, int | None]] = field(default_factory=list)  # (reason, generation)
+    _registry: Registry | None = None  # the registry that schedules it (None: not scheduled)
 
     def wake(self, reason: str = "wake", generation: int | None = None) -> None:
         """Check at once (or as soon as the running check finishes).
@@ -74,35 +91,17 @@ class DriftLoop:
         dropped if a check has read that generation (or a newer one) by then.
         """
         self._wakes.append((reason, generation))
-        self._set()
-
-    def _set(self) -> None:
         self._woken = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._registry is not None:
+            self._registry.ready(self)
 
-    async def wait(self) -> tuple[str, ...]:
-        """Sleep until woken or due; returns why (wake reasons, or ("resync",)), or an empty
-        tuple once ``stop`` was called: the caller should exit.
-
-        One future and one timer per wait (no tasks): with hundreds of loops checking every
-        minute, waiting is a measurable part of a check's CPU.
-        """
-        loop = asyncio.get_running_loop()
-        while not self.stopping:
-            self._drop_seen_wakes()
-            delay = self.due - loop.time()
-            if self._woken or delay <= 0:
-                break
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(min(delay, MAX_WAIT), self._set)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+    def take(self, now: float) -> tuple[str, ...]:
+        """Why a check should run now (wake reasons, or ("resync",) when due), consuming the
+        wakes; an empty tuple if none should (stopped, or neither woken nor due)."""
         if self.stopping:
+            return ()
+        self._drop_seen_wakes()
+        if not (self._woken or self.due <= now):
             return ()
         reasons = tuple(dict.fromkeys(reason for reason, _ in self._wakes)) or ("resync",)
         self._wakes.clear()
@@ -110,9 +109,8 @@ class DriftLoop:
         return reasons
 
     def stop(self) -> None:
-        """End the current and every later ``wait`` (the object is gone or the operator exits)."""
+        """No further check (the object is gone or the operator exits); a running one ends."""
         self.stopping = True
-        self._set()
 
     def events_to_post(self, events: Iterable[Event]) -> tuple[Event, ...]:
         """The check's Events minus Warnings repeated from the last check (see
@@ -169,21 +167,28 @@ class DriftLoop:
         else:
             delay = next_delay(resync, failure, self.streak.count, rng)
         self.due = asyncio.get_running_loop().time() + delay
+        if self._registry is not None:
+            self._registry.due(self)
         return delay
 
 
 class Registry:
-    """All drift loops of this process, by object and by service."""
+    """All drift loops of this process, by object and by service, and their order: the woken
+    ones (first come, first served), then the due ones (earliest first)."""
 
     def __init__(self) -> None:
         self._loops: dict[ObjectKey, DriftLoop] = {}
+        self._woken: deque[DriftLoop] = deque()
+        self._timeline: list[tuple[float, int, DriftLoop]] = []  # a heap; stale entries skipped
+        self._order = itertools.count()  # ties in the heap go first come, first served
+        self.on_change: Callable[[], None] | None = None  # a loop was woken or scheduled
 
     def loop(self, namespace: str, name: str) -> DriftLoop:
         """The loop of one Orchestrator, created on first use."""
         key = (namespace, name)
         found = self._loops.get(key)
         if found is None or found.deleted:
-            found = self._loops[key] = DriftLoop(key)
+            found = self._loops[key] = DriftLoop(key, _registry=self)
         return found
 
     def get(self, namespace: str, name: str) -> DriftLoop | None:
@@ -224,6 +229,131 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._loops)
+
+    # ------------------------------------------------------------------ the order of checks
+
+    def ready(self, loop: DriftLoop) -> None:
+        """``loop`` was woken: queue it (once; a running one is queued again when it ends)."""
+        if not loop.running and not loop.stopping:
+            self._woken.append(loop)
+            if self.on_change is not None:
+                self.on_change()
+
+    def due(self, loop: DriftLoop) -> None:
+        """``loop`` was scheduled: enter its due time (an infinite one waits for a wake)."""
+        if math.isfinite(loop.due):
+            heapq.heappush(self._timeline, (loop.due, next(self._order), loop))
+            if self.on_change is not None:
+                self.on_change()  # the scheduler may sleep past this due time
+
+    def take(self, now: float) -> tuple[DriftLoop, tuple[str, ...]] | None:
+        """The next loop whose check should start at ``now``, marked running, and why; None if
+        none should yet. Call ``done`` when its check ends."""
+        while self._woken:
+            found = self._woken.popleft()
+            if not found.running and (reasons := found.take(now)):
+                found.running = True
+                return found, reasons
+        timeline = self._timeline
+        while timeline and timeline[0][0] <= now:
+            due, _, found = heapq.heappop(timeline)
+            # An entry is stale once the loop was scheduled again; a running loop's is entered
+            # again by done().
+            if due == found.due and not found.running and (reasons := found.take(now)):
+                found.running = True
+                return found, reasons
+        return None
+
+    def done(self, loop: DriftLoop) -> None:
+        """``loop``'s check has ended: queue it again if woken meanwhile, and enter its due
+        time."""
+        loop.running = False
+        if loop.stopping:
+            return
+        if loop._woken:
+            self.ready(loop)
+        self.due(loop)
+
+    def next_due(self) -> float | None:
+        """The earliest due time entered (possibly stale: take() skips those), or None."""
+        return self._timeline[0][0] if self._timeline else None
+
+
+class Scheduler:
+    """The one task that runs every loop's checks, at most ``slots`` at once (see the module
+    docstring for the order). ``run(loop, reasons)`` is one check; it must call
+    ``loop.schedule`` (when the loop is not stopping), or the loop waits for a wake."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        run: Callable[[DriftLoop, tuple[str, ...]], Awaitable[None]],
+        slots: int = MAX_CONCURRENT_CHECKS,
+    ) -> None:
+        self._registry = registry
+        self._run = run
+        self._slots = asyncio.Semaphore(slots)
+        self._signal = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        """Start running checks (the task inherits the caller's context variables)."""
+        self._registry.on_change = self._signal.set
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name="drift checks")
+
+    async def close(self, grace: float) -> None:
+        """Start no more checks; wait up to ``grace`` seconds for the running ones, then cancel
+        them."""
+        self._closing = True
+        self._signal.set()
+        if self._registry.on_change == self._signal.set:
+            self._registry.on_change = None
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._running:
+            _, late = await asyncio.wait(set(self._running), timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _serve(self) -> None:
+        clock = asyncio.get_running_loop()
+        while not self._closing:
+            await self._slots.acquire()
+            picked = None
+            while not self._closing:
+                self._signal.clear()
+                picked = self._registry.take(clock.time())
+                if picked is not None:
+                    break
+                await self._sleep(clock)
+            if picked is None:
+                self._slots.release()
+                return
+            task = clock.create_task(self._check(*picked))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _sleep(self, clock: asyncio.AbstractEventLoop) -> None:
+        """Until a wake, or the next due time."""
+        due = self._registry.next_due()
+        timeout = None if due is None else min(max(due - clock.time(), 0.0), MAX_WAIT)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._signal.wait()
+
+    async def _check(self, loop: DriftLoop, reasons: tuple[str, ...]) -> None:
+        try:
+            await self._run(loop, reasons)
+        finally:
+            self._slots.release()
+            self._registry.done(loop)
 
 
 REGISTRY = Registry()

@@ -6,12 +6,13 @@ import asyncio
 import itertools
 import math
 import random
+from typing import Any
 
 import pytest
 
 from controller.domain.model import Event, Failure, Retry, ServiceRef
 from controller.schedule.backoff import QUOTA_BACKOFF, SLOW_CAP, Streak, first_delay, next_delay
-from controller.schedule.drift_loop import ROLLOUT_WAKE, DriftLoop, Registry
+from controller.schedule.drift_loop import ROLLOUT_WAKE, DriftLoop, Registry, Scheduler
 from controller.schedule.events import warnings_to_post
 
 REF = ServiceRef("my-project", "us-west2", "svc")
@@ -161,62 +162,182 @@ async def test_loop_forgets_posted_warnings_on_a_spec_change() -> None:
     assert loop_.events_to_post([denied]) == (denied,)
 
 
-async def finishes(task: asyncio.Task[tuple[str, ...]], within: float = 0.05) -> bool:
-    """Whether a wait ends within ``within`` seconds (for "not woken": it must not)."""
-    done, _ = await asyncio.wait({task}, timeout=within)
-    return bool(done)
+def taken(registry: Registry, at: float = 0.0) -> tuple[str, tuple[str, ...]] | None:
+    """The next check the registry starts at loop time ``at`` (its loop's name and reasons),
+    ended at once without scheduling another (as for a spec error); None if none should
+    start."""
+    picked = registry.take(at)
+    if picked is None:
+        return None
+    found, reasons = picked
+    found.due = math.inf
+    registry.done(found)
+    return found.key[1], reasons
 
 
-async def test_wake_by_service_and_object() -> None:
+LATER = 3600.0  # due long after any ``taken(..., at)`` of these tests
+
+
+def test_wake_by_service_and_object() -> None:
     registry = Registry()
     a = registry.loop("ns", "a")
     b = registry.loop("ns", "b")
     a.ref = REF
     b.ref = ServiceRef("my-project", "us-west2", "other")
-    loop = asyncio.get_running_loop()
-    a.due = b.due = loop.time() + 3600
-    waiting = asyncio.create_task(a.wait())
-    assert not await finishes(waiting)
+    a.due = b.due = LATER
+    assert taken(registry) is None
     assert registry.wake_service(REF, reason="audit") == 1
-    assert await asyncio.wait_for(waiting, 1) == ("audit",)
+    assert taken(registry) == ("a", ("audit",))
     assert registry.wake_object("ns", "b", reason="spec-update")
-    assert await asyncio.wait_for(b.wait(), 1) == ("spec-update",)
+    assert taken(registry) == ("b", ("spec-update",))
+    assert taken(registry) is None
     assert registry.wake_service(ServiceRef("x-project", "us-west2", "none")) == 0
     assert not registry.wake_object("ns", "nope")
 
 
-async def test_due_check_runs_without_wake_and_stop_ends_the_wait() -> None:
+async def test_due_checks_run_earliest_first_and_a_stopped_loop_never() -> None:
+    registry = Registry()
+    a, b, c = (registry.loop("ns", n) for n in "abc")
+    now = asyncio.get_running_loop().time()
+    for found, delay in ((a, 50), (b, 10), (c, 30)):
+        found.schedule(delay, failure(Retry.RESYNC), random.Random(0))
+    assert taken(registry, now) is None
+    c.stop()
+    order = [taken(registry, now + 100) for _ in range(3)]
+    assert order == [("b", ("resync",)), ("a", ("resync",)), None]
+    c.wake("audit")  # a stopped loop stays stopped
+    assert taken(registry, now + 100) is None
+
+
+def test_woken_loops_go_before_due_ones_in_the_order_woken() -> None:
+    registry = Registry()
+    due, first, second = (registry.loop("ns", n) for n in ("due", "first", "second"))
+    due.due, first.due, second.due = 1.0, LATER, LATER
+    registry.due(due)
+    second.wake("audit")
+    first.wake("spec-create", generation=1)
+    second.wake("spec-update", generation=1)  # queued already: one check, both reasons
+    assert [taken(registry, 5.0) for _ in range(4)] == [
+        ("second", ("audit", "spec-update")),
+        ("first", ("spec-create",)),
+        ("due", ("resync",)),
+        None,
+    ]
+
+
+def test_a_wake_during_a_check_checks_once_more_after_it() -> None:
+    registry = Registry()
+    a = registry.loop("ns", "a")
+    a.due = LATER
+    a.wake("spec-create", generation=1)
+    picked = registry.take(0.0)
+    assert picked is not None and picked[0] is a
+    a.wake("audit")
+    a.wake("audit")
+    assert registry.take(0.0) is None  # never two checks of one loop at once
+    registry.done(a)
+    assert taken(registry) == ("a", ("audit",))
+    assert taken(registry) is None
+
+
+def test_infinite_delay_waits_until_woken() -> None:
     registry = Registry()
     loop_ = registry.loop("ns", "a")
-    loop_.due = asyncio.get_running_loop().time() + 0.05
-    assert await asyncio.wait_for(loop_.wait(), 2) == ("resync",)
-
-    loop_.due = asyncio.get_running_loop().time() + 3600
-    waiting = asyncio.create_task(loop_.wait())
-    assert not await finishes(waiting)
-    loop_.stop()
-    assert await asyncio.wait_for(waiting, 2) == ()
-    loop_.wake("audit")  # a stopped loop stays stopped
-    assert await asyncio.wait_for(loop_.wait(), 2) == ()
-
-
-async def test_infinite_delay_waits_until_woken() -> None:
-    loop_ = Registry().loop("ns", "a")
     loop_.due = math.inf  # a spec error: only a spec change wakes the loop
-    waiting = asyncio.create_task(loop_.wait())
-    assert not await finishes(waiting)
+    registry.due(loop_)
+    assert registry.next_due() is None
+    assert taken(registry, 1e12) is None
     loop_.wake("spec-update", generation=2)
-    assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
+    assert taken(registry) == ("a", ("spec-update",))
 
 
-async def test_forget_wakes_and_marks_deleted() -> None:
+def test_forget_stops_and_marks_deleted() -> None:
     registry = Registry()
     loop_ = registry.loop("ns", "a")
-    loop_.due = asyncio.get_running_loop().time() + 3600
+    loop_.wake("audit")
     registry.forget("ns", "a")
     assert loop_.deleted and loop_.stopping
     assert registry.get("ns", "a") is None
     assert registry.loop("ns", "a") is not loop_
+    assert taken(registry) is None  # its queued wake starts nothing
+
+
+async def test_scheduler_runs_every_check_at_most_slots_at_once() -> None:
+    registry = Registry()
+    loops = [registry.loop("ns", f"o{i}") for i in range(7)]
+    running: set[str] = set()
+    most = 0
+    checked: list[str] = []
+    release = asyncio.Event()
+
+    async def run(found: DriftLoop, reasons: tuple[str, ...]) -> None:
+        nonlocal most
+        running.add(found.key[1])
+        most = max(most, len(running))
+        await release.wait()
+        running.discard(found.key[1])
+        checked.append(found.key[1])
+        found.schedule(LATER, None)
+
+    scheduler = Scheduler(registry, run, slots=3)
+    scheduler.start()
+    for found in loops:
+        found.wake("spec-create", generation=1)
+    await wait_until(lambda: len(running) == 3)
+    release.set()
+    await wait_until(lambda: len(checked) == 7)
+    assert most == 3
+    assert sorted(checked) == sorted(found.key[1] for found in loops)
+    await scheduler.close(grace=1)
+
+
+async def test_scheduler_runs_the_resyncs_a_check_schedules() -> None:
+    """A due time entered while the scheduler sleeps (with nothing else due) still wakes it."""
+    registry = Registry()
+    checks: list[tuple[str, ...]] = []
+
+    async def run(found: DriftLoop, reasons: tuple[str, ...]) -> None:
+        checks.append(reasons)
+        found.schedule(0.02, None)
+
+    scheduler = Scheduler(registry, run)
+    scheduler.start()
+    registry.loop("ns", "a").wake("spec-create", generation=1)
+    await wait_until(lambda: len(checks) >= 3)
+    assert checks[:3] == [("spec-create",), ("resync",), ("resync",)]
+    await scheduler.close(grace=1)
+
+
+async def test_scheduler_close_waits_for_running_checks_then_cancels() -> None:
+    registry = Registry()
+    started, ended, cancelled = asyncio.Event(), [], []
+
+    async def run(found: DriftLoop, reasons: tuple[str, ...]) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a check that never ends by itself
+        except asyncio.CancelledError:
+            cancelled.append(found.key[1])
+            raise
+        ended.append(found.key[1])
+
+    scheduler = Scheduler(registry, run)
+    scheduler.start()
+    registry.loop("ns", "a").wake("audit")
+    await asyncio.wait_for(started.wait(), 5)
+    await scheduler.close(grace=0.05)
+    assert cancelled == ["a"] and ended == []
+    registry.loop("ns", "b").wake("audit")  # closed: nothing starts
+    assert len(cancelled) == 1
+
+
+async def wait_until(condition: Any, deadline: float = 5.0) -> None:
+    """Until ``condition()`` holds, letting the scheduler run (fails after ``deadline`` s)."""
+    aio = asyncio.get_running_loop()
+    end = aio.time() + deadline
+    while not condition():
+        assert aio.time() < end, "condition not reached"
+        await asyncio.sleep(0.001)
 
 
 @pytest.mark.parametrize("retry", list(Retry))
@@ -225,36 +346,32 @@ def test_every_retry_kind_gives_a_positive_delay(retry: Retry) -> None:
 
 
 async def test_spec_wake_for_a_generation_already_checked_is_dropped() -> None:
-    """On create/resume kopf's spec handler wakes the loop while its first check already reads
-    that generation: the wake must not cause a second check."""
+    """A watch event may deliver the spec the running check already reads: the wake must not
+    cause a second check."""
     registry = Registry()
     loop_ = registry.loop("ns", "a")
-    aio = asyncio.get_running_loop()
-    loop_.wake("spec-create", generation=3)  # arrives during the first check ...
+    picked = registry.take(0.0)
+    assert picked is None
+    loop_.wake("spec-create", generation=3)
+    picked = registry.take(0.0)
+    assert picked is not None
+    loop_.wake("spec-update", generation=3)  # arrives during the first check ...
     loop_.schedule(3600, None, generation=3)  # ... which read generation 3
+    registry.done(loop_)
     assert loop_.checked_generation == 3
-
-    waiting = asyncio.create_task(loop_.wait())
-    assert not await finishes(waiting)  # not woken: nothing new
-    assert loop_.due - aio.time() > 1000  # still due only at the resync
+    now = asyncio.get_running_loop().time()
+    assert taken(registry, now) is None  # not woken: nothing new
+    assert loop_.due - now > 1000  # still due only at the resync
 
     loop_.wake("spec-update", generation=2)  # an older event delivered late: also seen
-    assert not await finishes(waiting)
+    assert taken(registry, now) is None
     loop_.wake("spec-update", generation=4)  # a newer spec: check
-    assert await asyncio.wait_for(waiting, 1) == ("spec-update",)
+    assert taken(registry, now) == ("a", ("spec-update",))
 
     loop_.schedule(3600, None, generation=4)
     loop_.wake("spec-resume", generation=4)
     loop_.wake("audit")  # not a spec wake: always checks (and the seen spec wake is dropped)
-    assert await asyncio.wait_for(loop_.wait(), 1) == ("audit",)
-
-
-async def test_spec_wake_before_any_check_counts() -> None:
-    registry = Registry()
-    loop_ = registry.loop("ns", "a")
-    loop_.due = asyncio.get_running_loop().time() + 3600
-    loop_.wake("spec-create", generation=1)
-    assert await asyncio.wait_for(loop_.wait(), 1) == ("spec-create",)
+    assert taken(registry, now) == ("a", ("audit",))
 
 
 # ------------------------------------------------- issue 15.5: a verification that keeps failing
@@ -336,20 +453,19 @@ async def test_a_rollout_wake_counts_only_after_a_check_that_said_progressing() 
     registry = Registry()
     loop_ = registry.loop("ns", "a")
     loop_.ref = REF
+    now = asyncio.get_running_loop().time()
     registry.wake_service(REF, ROLLOUT_WAKE)  # ended during a check that saw it end
     loop_.schedule(3600, None, generation=1, rolling_out=False)
-    waiting = asyncio.create_task(loop_.wait())
-    assert not await finishes(waiting)
+    assert taken(registry, now) is None
     registry.wake_service(REF, ROLLOUT_WAKE)  # a late wake of an earlier rollout: nothing
-    assert not await finishes(waiting)
+    assert taken(registry, now) is None
     registry.wake_service(REF, "audit")  # any other wake still checks
-    assert await asyncio.wait_for(waiting, 1) == ("audit",)
+    assert taken(registry, now) == ("a", ("audit",))
 
     registry.wake_service(REF, ROLLOUT_WAKE)  # ended during a check that saw it under way
     loop_.schedule(3600, None, generation=1, rolling_out=True)
-    assert await asyncio.wait_for(loop_.wait(), 1) == (ROLLOUT_WAKE,)
+    assert taken(registry, now) == ("a", (ROLLOUT_WAKE,))
     loop_.schedule(3600, None, generation=1, rolling_out=True)  # still under way
-    waiting = asyncio.create_task(loop_.wait())
-    assert not await finishes(waiting)
+    assert taken(registry, now) is None
     registry.wake_service(REF, ROLLOUT_WAKE)  # ends after the check: checks at once
-    assert await asyncio.wait_for(waiting, 1) == (ROLLOUT_WAKE,)
+    assert taken(registry, now) == ("a", (ROLLOUT_WAKE,))
