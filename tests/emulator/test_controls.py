@@ -71,9 +71,11 @@ async def test_faults_only_hit_the_named_methods(fresh_emulator, fresh_clients):
 
 
 async def test_unavailable_is_retried_by_the_client(fresh_emulator, fresh_clients):
-    """With the client's default retry, a 50% UNAVAILABLE rate still gets through."""
+    """With the client's default retry, a 25% UNAVAILABLE rate still gets through. (At 50% the
+    default retry's 10 s of backoff, ~5 attempts, gave up on one of the 4 calls in ~1 run of 10:
+    CI failed so at 5448d5e.)"""
     svc = fresh_deploy(fresh_emulator, "retried", env={"A": "1"})
-    fresh_emulator.admin.set_faults(rate=0.5, codes=["UNAVAILABLE"], methods=[GET])
+    fresh_emulator.admin.set_faults(rate=0.25, codes=["UNAVAILABLE"], methods=[GET])
     fresh_emulator.admin.reset_calls()
     for _ in range(4):
         await fresh_clients.run.get_service(name=svc.name)
