@@ -321,6 +321,7 @@ class Watch:
         self.lock = threading.Lock()
         self.ready: dict[str, bool] = {}
         self._n_ready = 0  # sum(self.ready.values()), kept as events arrive (10,000 objects)
+        self.synced: set[str] = set()  # Ready with reason Synced (not, e.g., DriftRepaired)
         self.ready_at: dict[str, float] = {}  # name -> monotonic time it was first seen Ready
         self.drift: dict[str, int] = {}
         self.modified: dict[str, int] = {}  # MODIFIED events per object (e.g. status writes)
@@ -371,16 +372,20 @@ class Watch:
             return
         now = time.monotonic()
         status = obj.get("status") or {}
-        ready = any(
-            c.get("type") == "Ready" and c.get("status") == "True"
-            for c in status.get("conditions") or []
+        conditions = status.get("conditions") or []
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        synced = ready and any(
+            c.get("type") == "Ready" and c.get("reason") == "Synced" for c in conditions
         )
         count = int((status.get("drift") or {}).get("count") or 0)
         with self.lock:
             was = self.ready.pop(name, False)
             if event["type"] == "MODIFIED":
                 self.modified[name] = self.modified.get(name, 0) + 1
+            self.synced.discard(name)
             if event["type"] != "DELETED":
+                if synced:
+                    self.synced.add(name)
                 self.ready[name] = ready
                 self.drift[name] = count
                 if ready:
@@ -396,6 +401,10 @@ class Watch:
     def n_ready(self) -> int:
         with self.lock:
             return self._n_ready
+
+    def n_synced(self) -> int:
+        with self.lock:
+            return len(self.synced)
 
     def mark_drift_baseline(self) -> None:
         """From now on, an Orchestrator whose drift count grows counts as repaired."""

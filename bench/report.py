@@ -219,8 +219,10 @@ def _estate_tables(estates: list[Estate]) -> list[str]:
         "steady check; shards are held to the same. Apply: batches of 1,000 documents, 4 "
         "`kubectl apply --server-side` at a time. The namespace is bound to the projects "
         "(`runwarden.dev/projects`, `--namespace-binding=required`, as manifests/ install it). "
-        "Status writes: the apiserver's count over a steady window of one resync for the row; "
-        "per shard, the changes of its Orchestrators the watch saw.",
+        "Steady: a window of one resync that starts once every Orchestrator has been checked "
+        "again after its repair (Ready reason back from DriftRepaired to Synced: a change, "
+        "written). Status writes: the apiserver's count over that window for the row; per "
+        "shard, the changes of its Orchestrators the watch saw.",
         "",
     ]
     return out

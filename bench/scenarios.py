@@ -753,6 +753,11 @@ def estate(run: Run, cfg: Config, shards: int) -> Estate:
             watch.n_repaired, n, cfg.estate_resync * 1.1 + cfg.ready_timeout, f"{what}: repair"
         )
         run.say(f"{what}: all repaired {t_repaired - td0:.1f}s after the drift began")
+        # The check after a repair reports Synced instead of DriftRepaired: a change, written.
+        # The steady window starts once every Orchestrator has had that check.
+        watch.wait(
+            watch.n_synced, n, cfg.estate_resync * 1.1 + cfg.ready_timeout, f"{what}: settle"
+        )
 
         window = cfg.steady_seconds or cfg.estate_resync
         w0 = status_writes(run.plane)
