@@ -28,9 +28,11 @@ import threading
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.config import kube_config
+from yarl import URL
 
 from controller.obs import logs
 
@@ -197,15 +199,31 @@ def headers(creds: Credentials) -> dict[str, str]:
     return {"Authorization": f"{creds.scheme or 'Bearer'} {creds.token}"}
 
 
+def proxy_for(creds: Credentials) -> tuple[str | None, aiohttp.BasicAuth | None]:
+    """The proxy to the apiserver: the kubeconfig's proxy-url, else HTTPS_PROXY/NO_PROXY as
+    kubectl honours them (None: direct)."""
+    if creds.proxy_url:
+        return creds.proxy_url, None
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(creds.server))
+    except LookupError:
+        return None, None
+    return str(proxy), auth
+
+
 def session(creds: Credentials, limit: int) -> aiohttp.ClientSession:
     """An HTTP session to the apiserver with these credentials and at most ``limit``
     connections."""
+    # The proxy is looked up once, here: aiohttp's trust_env would look it up and read ~/.netrc
+    # in a thread on every request (7 % of the controller's CPU while it repairs 10,000
+    # services, issue 17).
+    proxy, proxy_auth = proxy_for(creds)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=ssl_context(creds)),
         headers=headers(creds),
         cookie_jar=aiohttp.DummyCookieJar(),  # the apiserver sets none; skip the jar per request
-        proxy=creds.proxy_url,
-        trust_env=creds.proxy_url is None,  # HTTPS_PROXY/NO_PROXY, as kubectl honours them
+        proxy=proxy,
+        proxy_auth=proxy_auth,
     )
 
 

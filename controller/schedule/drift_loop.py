@@ -62,7 +62,7 @@ class DriftLoop:
     """
 
     key: ObjectKey
-    ref: ServiceRef | None = None
+    _ref: ServiceRef | None = None  # the service it manages, as its last check parsed it
     body: Any = None  # the object as its newest watch event showed it (the operator sets it)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     due: float = 0.0  # loop.time() of the next regular check; 0 = at once
@@ -83,6 +83,18 @@ class DriftLoop:
     _woken: bool = False  # a wake (or stop) not yet consumed by a check
     _wakes: list[tuple[str, int | None]] = field(default_factory=list)  # (reason, generation)
     _registry: Registry | None = None  # the registry that schedules it (None: not scheduled)
+
+    @property
+    def ref(self) -> ServiceRef | None:
+        return self._ref
+
+    @ref.setter
+    def ref(self, ref: ServiceRef | None) -> None:
+        """Set by each check (None: the namespace's binding refuses it); the registry finds
+        the loops of a service by it (audit entries, rollouts)."""
+        if ref != self._ref and self._registry is not None:
+            self._registry.refer(self, self._ref, None if self.deleted else ref)
+        self._ref = ref
 
     def wake(self, reason: str = "wake", generation: int | None = None) -> None:
         """Check at once (or as soon as the running check finishes).
@@ -178,6 +190,9 @@ class Registry:
 
     def __init__(self) -> None:
         self._loops: dict[ObjectKey, DriftLoop] = {}
+        # The loops of each service (usually one; two Orchestrators may name one service): a
+        # rollout's end or an audit entry finds them without a scan of every loop (issue 17).
+        self._by_ref: dict[ServiceRef, list[DriftLoop]] = {}
         self._woken: deque[DriftLoop] = deque()
         self._timeline: list[tuple[float, int, DriftLoop]] = []  # a heap; stale entries skipped
         self._order = itertools.count()  # ties in the heap go first come, first served
@@ -197,7 +212,8 @@ class Registry:
     def forget(self, namespace: str, name: str) -> None:
         found = self._loops.pop((namespace, name), None)
         if found is not None:
-            found.deleted = True
+            found.ref = None
+            found.deleted = True  # a check still running no longer enters it by its ref
             found.stop()
 
     def wake_object(self, namespace: str, name: str, reason: str = "wake") -> bool:
@@ -211,21 +227,26 @@ class Registry:
         """The loops of one namespace's Orchestrators."""
         return [found for key, found in self._loops.items() if key[0] == namespace]
 
+    def refer(self, loop: DriftLoop, old: ServiceRef | None, new: ServiceRef | None) -> None:
+        """``loop`` now manages ``new`` instead of ``old`` (DriftLoop.ref's setter)."""
+        if old is not None and loop in (same := self._by_ref.get(old, [])):
+            same.remove(loop)
+            if not same:
+                del self._by_ref[old]
+        if new is not None:
+            self._by_ref.setdefault(new, []).append(loop)
+
     def wake_service(self, ref: ServiceRef, reason: str = "wake") -> int:
-        woken = 0
-        for found in list(self._loops.values()):
-            if found.ref == ref:
-                found.wake(reason)
-                woken += 1
-        return woken
+        found = list(self._by_ref.get(ref, ()))
+        for loop in found:
+            loop.wake(reason)
+        return len(found)
 
     def last_write(self, ref: ServiceRef) -> WriteRecord | None:
         """What Runwarden itself last wrote to this service (to recognise its own audit
         entries)."""
-        for found in self._loops.values():
-            if found.ref == ref:
-                return found.last_write
-        return None
+        found = self._by_ref.get(ref)
+        return found[0].last_write if found else None
 
     def __len__(self) -> int:
         return len(self._loops)

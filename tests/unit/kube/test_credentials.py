@@ -234,3 +234,24 @@ async def test_a_401_then_fresh_credentials_that_work_is_no_refusal(
     finally:
         await writer.close()
     assert not refusals.failed
+
+
+def test_the_proxy_is_the_kubeconfigs_else_the_environments_as_kubectl_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Looked up once per session (not per request, as aiohttp's trust_env would): the
+    kubeconfig's proxy-url first, else HTTPS_PROXY unless NO_PROXY names the apiserver."""
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    creds = credentials.Credentials(server="https://api.example:6443", source="kubeconfig")
+    assert credentials.proxy_for(creds) == (None, None)
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pw@proxy.example:3128")
+    proxy, auth = credentials.proxy_for(creds)
+    assert proxy == "http://proxy.example:3128"
+    assert auth is not None and (auth.login, auth.password) == ("user", "pw")
+    monkeypatch.setenv("NO_PROXY", "api.example")
+    assert credentials.proxy_for(creds) == (None, None)
+    own = credentials.Credentials(
+        server=creds.server, source="kubeconfig", proxy_url="http://kube-proxy.example:8080"
+    )
+    assert credentials.proxy_for(own) == ("http://kube-proxy.example:8080", None)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.domain.model import Event, Failure, Retry, ServiceRef
+from controller.domain.model import Event, Failure, Retry, ServiceRef, WriteRecord
 from controller.schedule.backoff import QUOTA_BACKOFF, SLOW_CAP, Streak, first_delay, next_delay
 from controller.schedule.drift_loop import ROLLOUT_WAKE, DriftLoop, Registry, Scheduler
 from controller.schedule.events import warnings_to_post
@@ -193,6 +193,29 @@ def test_wake_by_service_and_object() -> None:
     assert taken(registry) is None
     assert registry.wake_service(ServiceRef("x-project", "us-west2", "none")) == 0
     assert not registry.wake_object("ns", "nope")
+
+
+def test_the_loops_of_a_service_follow_their_ref_and_their_forgetting() -> None:
+    """wake_service and last_write find a service's loops by an index (no scan of every loop):
+    it follows a ref that changes, holds both Orchestrators that name one service, and drops a
+    forgotten loop, also when a check still running sets its ref afterwards."""
+    registry = Registry()
+    a, b = registry.loop("ns", "a"), registry.loop("ns", "b")
+    other = ServiceRef("my-project", "us-west2", "other")
+    a.ref = b.ref = REF
+    a.due = b.due = LATER
+    b.last_write = WriteRecord(generation=7)
+    assert registry.wake_service(REF) == 2
+    a.ref = other
+    assert registry.wake_service(REF) == 1
+    assert registry.last_write(REF) == WriteRecord(generation=7)
+    assert registry.wake_service(other) == 1
+    registry.forget("ns", "b")
+    b.ref = REF  # its check was still running
+    assert registry.wake_service(REF) == 0
+    assert registry.last_write(REF) is None
+    a.ref = None
+    assert registry.wake_service(other) == 0
 
 
 async def test_due_checks_run_earliest_first_and_a_stopped_loop_never() -> None:
