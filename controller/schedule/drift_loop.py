@@ -31,7 +31,6 @@ DriftRepaired) by Synced at once. A rollout ending while a check runs is judged 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import math
@@ -196,7 +195,8 @@ class Registry:
         self._woken: deque[DriftLoop] = deque()
         self._timeline: list[tuple[float, int, DriftLoop]] = []  # a heap; stale entries skipped
         self._order = itertools.count()  # ties in the heap go first come, first served
-        self.on_change: Callable[[], None] | None = None  # a loop was woken or scheduled
+        # A loop was woken (called with -inf) or scheduled (with its due time).
+        self.on_change: Callable[[float], None] | None = None
 
     def loop(self, namespace: str, name: str) -> DriftLoop:
         """The loop of one Orchestrator, created on first use."""
@@ -258,14 +258,14 @@ class Registry:
         if not loop.running and not loop.stopping:
             self._woken.append(loop)
             if self.on_change is not None:
-                self.on_change()
+                self.on_change(-math.inf)
 
     def due(self, loop: DriftLoop) -> None:
         """``loop`` was scheduled: enter its due time (an infinite one waits for a wake)."""
         if math.isfinite(loop.due):
             heapq.heappush(self._timeline, (loop.due, next(self._order), loop))
             if self.on_change is not None:
-                self.on_change()  # the scheduler may sleep past this due time
+                self.on_change(loop.due)  # the scheduler may sleep past this due time
 
     def take(self, now: float) -> tuple[DriftLoop, tuple[str, ...]] | None:
         """The next loop whose check should start at ``now``, marked running, and why; None if
@@ -318,6 +318,9 @@ class Scheduler:
         self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # While the task sleeps: until when (inf: until a wake). Otherwise -inf: it looks at
+        # the registry before it sleeps again, so a change needs no signal.
+        self._sleeps_until = -math.inf
 
     @property
     def started(self) -> bool:
@@ -325,7 +328,7 @@ class Scheduler:
 
     def start(self) -> None:
         """Start running checks (the task inherits the caller's context variables)."""
-        self._registry.on_change = self._signal.set
+        self._registry.on_change = self._changed
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="drift checks")
 
     async def close(self, grace: float) -> None:
@@ -333,7 +336,7 @@ class Scheduler:
         them."""
         self._closing = True
         self._signal.set()
-        if self._registry.on_change == self._signal.set:
+        if self._registry.on_change == self._changed:
             self._registry.on_change = None
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -361,13 +364,25 @@ class Scheduler:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    def _changed(self, at: float) -> None:
+        """Registry.on_change: a loop can be taken from ``at`` (loop time). Only a sleep past
+        that is cut short: a check that ends schedules its loop a resync later, which wakes
+        nothing (issue 17: the scheduler's own cost per check, bench overhead)."""
+        if at < self._sleeps_until:
+            self._signal.set()
+
     async def _sleep(self, clock: asyncio.AbstractEventLoop) -> None:
         """Until a wake, or the next due time."""
         due = self._registry.next_due()
-        timeout = None if due is None else min(max(due - clock.time(), 0.0), MAX_WAIT)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._signal.wait()
+        until = math.inf if due is None else min(due, clock.time() + MAX_WAIT)
+        timer = None if until == math.inf else clock.call_at(until, self._signal.set)
+        self._sleeps_until = until
+        try:
+            await self._signal.wait()
+        finally:
+            self._sleeps_until = -math.inf
+            if timer is not None:
+                timer.cancel()
 
     async def _check(self, loop: DriftLoop, reasons: tuple[str, ...]) -> None:
         try:

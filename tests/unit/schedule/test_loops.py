@@ -331,6 +331,27 @@ async def test_scheduler_runs_the_resyncs_a_check_schedules() -> None:
     await scheduler.close(grace=1)
 
 
+async def test_scheduler_sleeping_until_a_later_check_runs_one_scheduled_before_it() -> None:
+    """The scheduler sleeps until the earliest due time; a loop scheduled earlier than that
+    wakes it, one scheduled later does not need to (and is still run when due)."""
+    registry = Registry()
+    checks: list[str] = []
+
+    async def run(found: DriftLoop, reasons: tuple[str, ...]) -> None:
+        checks.append(found.key[1])
+        found.schedule(LATER, None)
+
+    scheduler = Scheduler(registry, run)
+    scheduler.start()
+    registry.loop("ns", "far").schedule(LATER, None)
+    await wait_until(lambda: scheduler._sleeps_until > 0)  # asleep until "far" is due
+    registry.loop("ns", "later").schedule(0.1, None)
+    registry.loop("ns", "soon").schedule(0.02, None)
+    await wait_until(lambda: len(checks) == 2)
+    assert checks == ["soon", "later"]
+    await scheduler.close(grace=1)
+
+
 async def test_scheduler_close_waits_for_running_checks_then_cancels() -> None:
     registry = Registry()
     started, ended, cancelled = asyncio.Event(), [], []
