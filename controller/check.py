@@ -141,7 +141,7 @@ async def check(
         post_event(event)
 
     result = _result(update, desired)
-    metrics.RECONCILES.labels(result=result).inc()
+    metrics.reconciles(result).inc()
     metrics.RECONCILE_SECONDS.observe(elapsed)
     for aspect in update.drift.aspects:
         metrics.DRIFT_REPAIRS.labels(aspect=aspect.value).inc()

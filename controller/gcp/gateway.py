@@ -406,17 +406,17 @@ class Gateway:
         try:
             result = await fn()
         except gexc.GoogleAPICallError as exc:
-            metrics.GCP_REQUESTS.labels(method=method, code=code_of(exc)).inc()
+            metrics.gcp_requests(method, code_of(exc)).inc()
             if region is not None and isinstance(exc, gexc.ResourceExhausted):
                 self._pacer.retry_after(region, write, retry_delay(exc))
             raise
         except grpc.aio.AioRpcError as exc:
-            metrics.GCP_REQUESTS.labels(method=method, code=exc.code().name).inc()
+            metrics.gcp_requests(method, exc.code().name).inc()
             raise
         except TimeoutError:
-            metrics.GCP_REQUESTS.labels(method=method, code="DEADLINE_EXCEEDED").inc()
+            metrics.gcp_requests(method, "DEADLINE_EXCEEDED").inc()
             raise
-        metrics.GCP_REQUESTS.labels(method=method, code="OK").inc()
+        metrics.gcp_requests(method, "OK").inc()
         return result
 
 

@@ -2,7 +2,7 @@
 
 Shape of the drift loops:
   Each Orchestrator gets one loop (controller.schedule.drift_loop.DriftLoop) that checks "at once
-  when woken, else when the resync is due"; one Scheduler task runs every loop's checks (no kopf
+  when woken, else when the resync is due"; one Scheduler runs every loop's checks (no kopf
   daemon per object: a daemon's task, coroutines, kwargs and logger were most of the memory per
   Orchestrator, issue 17). Each check is controller.check.check (kopf-free), and its status is
   written by the operator (controller.kube.status_writer, one merge patch) rather than through
@@ -374,8 +374,8 @@ async def watched(
     budget share and metric are forgotten; relabelled back in, it arrives as a new object."""
     scheduler: Scheduler = memo.scheduler
     if not scheduler.started:
-        # From here, not from startup: the checks' task inherits this context, where kopf has
-        # set the queue that kopf.event() posts through (the checks' Events).
+        # From here, not from startup: the checks run in copies of this context, where kopf
+        # has set the queue that kopf.event() posts through (the checks' Events).
         scheduler.start()
     key = (namespace or "", name)
     meta = body.metadata

@@ -1,10 +1,10 @@
 """Drift loops: "check when due, or at once when woken", for every Orchestrator of the process.
 
-One ``DriftLoop`` per Orchestrator, in this process's memory, and one ``Scheduler`` task that
-runs all their checks (at most MAX_CONCURRENT_CHECKS at once): a loop is only data while it
-waits (issue 17: no task, future or timer per Orchestrator). The operator layer feeds each loop
-its object's newest body and wakes it on spec changes; so can anything else that learns a
-service has changed, e.g. a Cloud Audit Log listener::
+One ``DriftLoop`` per Orchestrator, in this process's memory, and one ``Scheduler`` that runs
+all their checks (at most MAX_CONCURRENT_CHECKS at once) from one timer: a loop is only data
+while it waits (issue 17: no task, future or timer per Orchestrator). The operator layer feeds
+each loop its object's newest body and wakes it on spec changes; so can anything else that
+learns a service has changed, e.g. a Cloud Audit Log listener::
 
     from controller.schedule import drift_loop
     drift_loop.wake("my-project", "us-west2", "my-service", reason="audit")
@@ -31,6 +31,7 @@ DriftRepaired) by Synced at once. A rollout ending while a check runs is judged 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import math
@@ -301,9 +302,13 @@ class Registry:
 
 
 class Scheduler:
-    """The one task that runs every loop's checks, at most ``slots`` at once (see the module
-    docstring for the order). ``run(loop, reasons)`` is one check; it must call
-    ``loop.schedule`` (when the loop is not stopping), or the loop waits for a wake."""
+    """Runs every loop's checks, at most ``slots`` at once (see the module docstring for the
+    order). ``run(loop, reasons)`` is one check; it must call ``loop.schedule`` (when the loop is
+    not stopping), or the loop waits for a wake.
+
+    No task of its own: checks are started by one timer (the earliest due time), by a wake, and
+    by a check that ends and frees its slot (issue 17: the scheduler's cost per check is a timer
+    callback, bench overhead)."""
 
     def __init__(
         self,
@@ -313,83 +318,94 @@ class Scheduler:
     ) -> None:
         self._registry = registry
         self._run = run
-        self._slots = asyncio.Semaphore(slots)
-        self._signal = asyncio.Event()
+        self._slots = slots
         self._running: set[asyncio.Task[None]] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._clock: asyncio.AbstractEventLoop | None = None
+        self._context: contextvars.Context | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        # When the timer fires; inf: none is set (nothing due); -inf: none is needed (every slot
+        # is taken: the next check to end pumps).
+        self._timer_at = math.inf
+        self._pump_soon = False  # a pump is scheduled (call_soon) already
         self._closing = False
-        # While the task sleeps: until when (inf: until a wake). Otherwise -inf: it looks at
-        # the registry before it sleeps again, so a change needs no signal.
-        self._sleeps_until = -math.inf
 
     @property
     def started(self) -> bool:
-        return self._task is not None
+        return self._clock is not None
 
     def start(self) -> None:
-        """Start running checks (the task inherits the caller's context variables)."""
+        """Start running checks. Every check runs in a copy of the caller's context variables
+        (whoever woke it: kopf.event() posts through one set in kopf's watch-event context)."""
+        self._clock = asyncio.get_running_loop()
+        self._context = contextvars.copy_context()
         self._registry.on_change = self._changed
-        self._task = asyncio.get_running_loop().create_task(self._serve(), name="drift checks")
+        self._pump()
 
     async def close(self, grace: float) -> None:
         """Start no more checks; wait up to ``grace`` seconds for the running ones, then cancel
         them."""
         self._closing = True
-        self._signal.set()
         if self._registry.on_change == self._changed:
             self._registry.on_change = None
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         if self._running:
             _, late = await asyncio.wait(set(self._running), timeout=grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
 
-    async def _serve(self) -> None:
-        clock = asyncio.get_running_loop()
-        while not self._closing:
-            await self._slots.acquire()
-            picked = None
-            while not self._closing:
-                self._signal.clear()
-                picked = self._registry.take(clock.time())
-                if picked is not None:
-                    break
-                await self._sleep(clock)
-            if picked is None:
-                self._slots.release()
-                return
-            task = clock.create_task(self._check(*picked))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
     def _changed(self, at: float) -> None:
-        """Registry.on_change: a loop can be taken from ``at`` (loop time). Only a sleep past
-        that is cut short: a check that ends schedules its loop a resync later, which wakes
-        nothing (issue 17: the scheduler's own cost per check, bench overhead)."""
-        if at < self._sleeps_until:
-            self._signal.set()
+        """Registry.on_change: a loop can be taken from ``at`` (loop time). Only a timer set
+        past that is brought forward: a check that ends schedules its loop a resync later, which
+        changes nothing here."""
+        if at < self._timer_at and not self._pump_soon and self._clock is not None:
+            # Not at once: the caller may be in the middle of waking several loops.
+            self._pump_soon = True
+            self._clock.call_soon(self._pump, context=self._context)
 
-    async def _sleep(self, clock: asyncio.AbstractEventLoop) -> None:
-        """Until a wake, or the next due time."""
-        due = self._registry.next_due()
-        until = math.inf if due is None else min(due, clock.time() + MAX_WAIT)
-        timer = None if until == math.inf else clock.call_at(until, self._signal.set)
-        self._sleeps_until = until
-        try:
-            await self._signal.wait()
-        finally:
-            self._sleeps_until = -math.inf
-            if timer is not None:
-                timer.cancel()
+    def _pump(self) -> None:
+        """Start the checks that should start now (as slots allow), then set the timer for the
+        next due time."""
+        self._pump_soon = False
+        clock = self._clock
+        if self._closing or clock is None:
+            return
+        now = clock.time()
+        while len(self._running) < self._slots:
+            picked = self._registry.take(now)
+            if picked is None:
+                break
+            task = clock.create_task(self._check(*picked), context=self._fresh_context())
+            self._running.add(task)
+        if len(self._running) >= self._slots:
+            at = -math.inf  # no timer: a check that ends pumps (and changes need not)
+        else:
+            due = self._registry.next_due()
+            at = math.inf if due is None else min(due, now + MAX_WAIT)
+        if at != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = clock.call_at(at, self._fire) if math.isfinite(at) else None
+            self._timer_at = at
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._pump()
+
+    def _fresh_context(self) -> contextvars.Context:
+        assert self._context is not None
+        return self._context.copy()
 
     async def _check(self, loop: DriftLoop, reasons: tuple[str, ...]) -> None:
         try:
             await self._run(loop, reasons)
         finally:
-            self._slots.release()
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.discard(task)
             self._registry.done(loop)
+            self._pump()  # its slot is free
 
 
 REGISTRY = Registry()

@@ -304,9 +304,14 @@ async def test_scheduler_runs_every_check_at_most_slots_at_once() -> None:
 
     scheduler = Scheduler(registry, run, slots=3)
     scheduler.start()
-    for found in loops:
+    for found in loops[:4]:
         found.wake("spec-create", generation=1)
+    for found in loops[4:]:
+        found.schedule(0.0, None)  # due at once, behind the woken ones
     await wait_until(lambda: len(running) == 3)
+    # Full: no timer (one for the due loops would fire at once, again and again); the next
+    # check to end starts the next one.
+    assert scheduler._timer_at == -math.inf
     release.set()
     await wait_until(lambda: len(checked) == 7)
     assert most == 3
@@ -331,9 +336,10 @@ async def test_scheduler_runs_the_resyncs_a_check_schedules() -> None:
     await scheduler.close(grace=1)
 
 
-async def test_scheduler_sleeping_until_a_later_check_runs_one_scheduled_before_it() -> None:
-    """The scheduler sleeps until the earliest due time; a loop scheduled earlier than that
-    wakes it, one scheduled later does not need to (and is still run when due)."""
+async def test_scheduler_timed_for_a_later_check_runs_one_scheduled_before_it() -> None:
+    """The scheduler's timer is set for the earliest due time; a loop scheduled earlier than
+    that brings it forward, one scheduled later does not need to (and is still run when
+    due)."""
     registry = Registry()
     checks: list[str] = []
 
@@ -344,7 +350,7 @@ async def test_scheduler_sleeping_until_a_later_check_runs_one_scheduled_before_
     scheduler = Scheduler(registry, run)
     scheduler.start()
     registry.loop("ns", "far").schedule(LATER, None)
-    await wait_until(lambda: scheduler._sleeps_until > 0)  # asleep until "far" is due
+    await wait_until(lambda: math.isfinite(scheduler._timer_at))  # set for when "far" is due
     registry.loop("ns", "later").schedule(0.1, None)
     registry.loop("ns", "soon").schedule(0.02, None)
     await wait_until(lambda: len(checks) == 2)
