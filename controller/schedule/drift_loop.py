@@ -80,6 +80,7 @@ class DriftLoop:
     # Status this process wrote that the watch may not have delivered yet (top-level keys).
     written: dict[str, Any] = field(default_factory=dict)
     running: bool = False  # taken by the scheduler: its check runs (or is about to)
+    queued: bool = False  # in the registry's queue of woken loops (once, however many wakes)
     _woken: bool = False  # a wake (or stop) not yet consumed by a check
     _wakes: list[tuple[str, int | None]] = field(default_factory=list)  # (reason, generation)
     _registry: Registry | None = None  # the registry that schedules it (None: not scheduled)
@@ -256,7 +257,8 @@ class Registry:
 
     def ready(self, loop: DriftLoop) -> None:
         """``loop`` was woken: queue it (once; a running one is queued again when it ends)."""
-        if not loop.running and not loop.stopping:
+        if not loop.running and not loop.stopping and not loop.queued:
+            loop.queued = True
             self._woken.append(loop)
             if self.on_change is not None:
                 self.on_change(-math.inf)
@@ -273,6 +275,7 @@ class Registry:
         none should yet. Call ``done`` when its check ends."""
         while self._woken:
             found = self._woken.popleft()
+            found.queued = False
             if not found.running and (reasons := found.take(now)):
                 found.running = True
                 return found, reasons

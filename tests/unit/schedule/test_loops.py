@@ -285,6 +285,24 @@ def test_forget_stops_and_marks_deleted() -> None:
     assert taken(registry) is None  # its queued wake starts nothing
 
 
+def test_a_loop_woken_many_times_is_queued_once() -> None:
+    """Every wake of a waiting loop (audit entries, watch events) counts, but it enters the
+    queue of woken loops once: the queue stays as long as the loops waiting, not the wakes."""
+    registry = Registry()
+    a, b = registry.loop("ns", "a"), registry.loop("ns", "b")
+    a.due = b.due = LATER
+    for reason in ("audit", "audit", "namespace-binding"):
+        a.wake(reason)
+    b.wake("audit")
+    a.wake("audit")
+    assert len(registry._woken) == 2
+    assert taken(registry) == ("a", ("audit", "namespace-binding"))
+    assert taken(registry) == ("b", ("audit",))
+    assert taken(registry) is None
+    a.wake("audit")  # queued again once taken
+    assert taken(registry) == ("a", ("audit",))
+
+
 async def test_scheduler_runs_every_check_at_most_slots_at_once() -> None:
     registry = Registry()
     loops = [registry.loop("ns", f"o{i}") for i in range(7)]
