@@ -371,15 +371,15 @@ class Scheduler:
         """Start the checks that should start now (as slots allow), then set the timer for the
         next due time."""
         self._pump_soon = False
-        clock = self._clock
-        if self._closing or clock is None:
+        clock, context = self._clock, self._context
+        if self._closing or clock is None or context is None:
             return
         now = clock.time()
         while len(self._running) < self._slots:
             picked = self._registry.take(now)
             if picked is None:
                 break
-            task = clock.create_task(self._check(*picked), context=self._fresh_context())
+            task = clock.create_task(self._check(*picked), context=context.copy())
             self._running.add(task)
         if len(self._running) >= self._slots:
             at = -math.inf  # no timer: a check that ends pumps (and changes need not)
@@ -395,10 +395,6 @@ class Scheduler:
     def _fire(self) -> None:
         self._timer, self._timer_at = None, math.inf
         self._pump()
-
-    def _fresh_context(self) -> contextvars.Context:
-        assert self._context is not None
-        return self._context.copy()
 
     async def _check(self, loop: DriftLoop, reasons: tuple[str, ...]) -> None:
         try:
